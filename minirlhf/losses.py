@@ -1,0 +1,598 @@
+"""Every loss and RL quantity of the RLHF recipe, as pure functions on tensors.
+
+This file is the lesson on *what is optimised*: the supervised loss of step 1 (SFT), the
+preference losses of step 2 (reward model), and the pieces of step 3 (PPO with a KL penalty):
+KL estimators, KL-shaped per-token rewards, the clipped policy and value losses, advantage
+whitening and the KL coefficient controllers. Nothing here owns a model or an optimizer.
+
+Conventions used throughout (see DESIGN.md, "Pinned details"):
+
+* Token tensors are ``(B, T)``: batch of ``B`` rows, ``T`` positions. A *mask* of the same shape
+  is 1 (or ``True``) where a token counts and 0 at padding. Masks may be bool or float; they are
+  cast to the data's dtype.
+* Every mean over tokens is **one** mean over all valid tokens of the batch,
+  ``sum(x * mask) / sum(mask)``, never a mean of per-row means (that would weigh a token of a
+  short response more than a token of a long one).
+* Losses are 0-d tensors, ready for ``.backward()``. Statistics for logging are Python floats.
+* Sign convention: every function returns something to *minimise*.
+
+Papers, by short name:
+
+* InstructGPT: Ouyang et al. 2022, "Training language models to follow instructions with human
+  feedback", section 3.5 (SFT, RM eq. 1, RL eq. 2).
+* Stiennon et al. 2020, "Learning to summarize from human feedback", section 3.4.
+* Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", section 2.2.
+* PPO: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", section 3 (eq. 7).
+* Schulman 2020, "Approximating KL Divergence" (blog note): the k1/k2/k3 estimators.
+* Huang et al. 2024, "The N Implementation Details of RLHF with PPO": the conventions of
+  OpenAI's lm-human-preferences (LHP) and of TRL that we follow (score on the last token,
+  per-token KL, whitening, clipped value loss).
+
+Each function body sits between a pair of BEGIN SOLUTION / END SOLUTION comment lines: the
+assignment version of the repo blanks those regions and ``tests/test_losses.py`` grades them.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "sft_loss",
+    "pairwise_reward_loss",
+    "ranking_reward_loss",
+    "classifier_reward_loss",
+    "kl_penalty",
+    "kl_shaped_rewards",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "entropy_from_logits",
+    "explained_variance",
+    "FixedKLController",
+    "AdaptiveKLController",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is 1.
+
+    ``masked_mean(x, mask) = sum(x * mask) / sum(mask)``
+
+    Args:
+        x: any shape, e.g. ``(B, T)``.
+        mask: bool or 0/1 float, broadcastable to ``x``; cast to ``x.dtype``.
+        dim: ``None`` (default) for one mean over *all* valid entries (a 0-d tensor), or an int /
+            tuple of ints to reduce only those dimensions (e.g. ``dim=1`` gives one mean per row).
+
+    Conventions:
+        * ``dim=None`` is the token mean used by every loss here: a batch with rows of 2 and 6
+          valid tokens averages 8 tokens, each with weight 1/8 (a mean of per-row means would give
+          the short row's tokens weight 1/4 and the long row's 1/12).
+        * Padded entries never leak in, even when they hold ``inf`` or ``nan`` (``0 * inf`` is
+          ``nan``, so they are selected away with ``torch.where`` instead of multiplied by 0).
+        * A mean over no valid entry is 0 (not ``nan``), so an empty row cannot poison a batch.
+    """
+    # BEGIN SOLUTION
+    mask = mask.to(x.dtype).expand_as(x)
+    # trap: x * mask would turn an inf/nan at a padded position into nan; select instead.
+    x = torch.where(mask != 0, x, 0.0)
+    total = x.sum(dim=dim)
+    count = mask.sum(dim=dim)
+    # count is a whole number (masks are 0/1); clamp only changes the empty case 0/0 -> 0/1 = 0.
+    return total / count.clamp(min=1.0)
+    # END SOLUTION
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """Variance of ``x`` over the entries where ``mask`` is 1 (a 0-d tensor).
+
+    ``mean = masked_mean(x, mask)``;
+    ``var = masked_mean((x - mean)**2, mask)``                  (population variance, the default)
+    ``var * n / (n - 1)`` with ``n = sum(mask)`` when ``unbiased=True`` (Bessel's correction).
+
+    Args:
+        x: any shape, e.g. ``(B, T)``.
+        mask: bool or 0/1 float of the same (or a broadcastable) shape.
+        unbiased: apply Bessel's correction. ``masked_whiten`` uses the population variance
+            (``unbiased=False``), as DESIGN.md pins.
+
+    Raises:
+        ValueError: ``unbiased=True`` with fewer than 2 valid entries (the correction divides by 0).
+    """
+    # BEGIN SOLUTION
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(x.dtype).expand_as(x).sum()
+        if n.item() < 2:  # one host sync, only on this optional path
+            raise ValueError(f"masked_var(unbiased=True) needs at least 2 valid entries, got {n.item():g}")
+        var = var * n / (n - 1)
+    return var
+    # END SOLUTION
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Normalise ``x`` to zero mean and unit variance over its valid entries.
+
+    ``whitened = (x - mean) / sqrt(var + eps)``, with ``mean`` and ``var`` the mean and the
+    *population* variance of the valid entries (``masked_mean``, ``masked_var(unbiased=False)``).
+    With ``shift_mean=False`` the mean is added back, ``whitened + mean``: only the scale changes.
+    This is how TRL and LHP whiten advantages (``shift_mean=True``) and rewards
+    (``shift_mean=False``, so that the sign of a reward is kept); Huang et al. 2024.
+
+    Args:
+        x: ``(B, T)`` (any shape works), e.g. GAE advantages.
+        mask: bool or 0/1 float, same shape.
+        shift_mean: subtract the mean (True) or keep it (False).
+        eps: added to the variance, so a constant ``x`` gives 0 rather than ``nan``.
+
+    Returns:
+        Same shape and dtype as ``x``; **0 at padded positions** (like every per-token quantity in
+        this library: nothing meaningful lives there, and a stray unmasked sum then adds nothing).
+    """
+    # BEGIN SOLUTION
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=False)  # population variance, as LHP/TRL
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean  # trap: keep the mean, rescale only
+    return torch.where(mask.to(x.dtype) != 0, whitened, 0.0)
+    # END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1: supervised fine-tuning
+# ---------------------------------------------------------------------------------------------
+
+
+def sft_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens (InstructGPT section 3.5, "SFT").
+
+    ``loss = sum_{b,t} mask[b,t] * -log softmax(logits[b,t])[targets[b,t]] / sum_{b,t} mask[b,t]``
+
+    Args:
+        logits: ``(B, T, V)``. ``logits[b, t]`` predicts ``targets[b, t]``: **the caller shifts**
+            (with a model's output ``out`` for tokens ``ids``: ``logits = out[:, :-1]``,
+            ``targets = ids[:, 1:]``, ``mask = loss_mask[:, 1:]``).
+        targets: ``(B, T)`` token ids. Values at masked positions are ignored, whatever they are
+            (PAD id, or -100 as in Hugging Face).
+        mask: ``(B, T)`` bool or 0/1 float: 1 on the tokens to learn (the response, in SFT), 0 on
+            the prompt and the padding.
+
+    Returns:
+        0-d tensor: one mean over all valid target tokens of the batch (not a mean of per-row
+        means), computed in at least fp32 (bf16/fp16 logits are upcast; fp64 stays fp64).
+    """
+    # BEGIN SOLUTION
+    vocab_size = logits.shape[-1]
+    # softmax in at least fp32: log_softmax in bf16 loses the small probabilities
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    mask = mask.to(logits.dtype)
+    # masked targets may be -100 or any junk id: point them at id 0 so the gather is in range
+    safe_targets = torch.where(mask != 0, targets, torch.zeros_like(targets))
+    nll = F.cross_entropy(logits.reshape(-1, vocab_size), safe_targets.reshape(-1), reduction="none").view_as(
+        safe_targets
+    )  # (B, T)
+    return masked_mean(nll, mask)
+    # END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 2: reward model losses
+# ---------------------------------------------------------------------------------------------
+
+
+def pairwise_reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry preference loss for pairs (Stiennon et al. 2020 section 3.4; InstructGPT eq. 1, K=2).
+
+    ``loss = mean_b -log sigmoid(r_chosen[b] - r_rejected[b])``
+
+    The Bradley-Terry model says a labeler prefers ``y_c`` over ``y_r`` with probability
+    ``sigmoid(r(x, y_c) - r(x, y_r))``; this is the negative log-likelihood of the labels.
+    Only the difference of the rewards matters: adding a constant to both changes nothing (which
+    is why the RM is normalised afterwards).
+
+    Args:
+        r_chosen, r_rejected: ``(B,)`` scalar rewards of the preferred and the rejected response.
+
+    Returns:
+        0-d tensor. ``log(2) ~ 0.693`` when both rewards are equal. ``-logsigmoid`` is used rather
+        than ``-log(sigmoid(.))``, which underflows to ``inf`` for a large negative margin.
+    """
+    # BEGIN SOLUTION
+    margin = r_chosen - r_rejected  # (B,)
+    return -F.logsigmoid(margin).mean()
+    # END SOLUTION
+
+
+def ranking_reward_loss(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """InstructGPT's K-wise ranking loss (Ouyang et al. 2022, section 3.5, eq. 1).
+
+    For a prompt with ``K`` ranked responses (best first), every one of its ``C(K, 2)`` pairs
+    ``i < j`` is a comparison "response i beats response j":
+
+    ``loss(prompt) = 1 / C(K, 2) * sum_{i < j} -log sigmoid(r_i - r_j)``
+
+    and the batch loss is the mean of ``loss(prompt)`` over prompts. Two traps: it is a **mean**
+    over a prompt's pairs (not a sum), and every **prompt counts equally** (not every pair):
+    InstructGPT treats all comparisons of a prompt as one batch element, which avoids overfitting
+    to prompts with many correlated comparisons.
+
+    Args:
+        rewards: ``(B, K)`` rewards of the ``K`` responses of each prompt, **best first**
+            (``rewards[b, 0]`` is the top-ranked response).
+        valid: optional ``(B, K)`` bool (or 0/1): ``False`` for missing responses, for prompts with
+            fewer than ``K``. A pair with a missing member is left out, ``loss(prompt)`` is the mean
+            over the pairs that remain, and a prompt with no pair left (fewer than 2 responses) is
+            left out of the mean over prompts. The valid responses keep their best-first order.
+            Values of ``rewards`` at missing positions are ignored (they may be ``nan``).
+
+    Returns:
+        0-d tensor. With ``K = 2`` it equals ``pairwise_reward_loss(rewards[:, 0], rewards[:, 1])``.
+    """
+    # BEGIN SOLUTION
+    batch_size, num_responses = rewards.shape
+    if valid is None:
+        valid = torch.ones_like(rewards, dtype=torch.bool)
+    valid = valid.to(torch.bool)
+    # zero the missing rewards first: a nan there would reach the valid ones' gradients
+    rewards = torch.where(valid, rewards, 0.0)
+
+    # margins[b, i, j] = r_i - r_j: how much the model prefers response i to response j
+    margins = rewards[:, :, None] - rewards[:, None, :]  # (B, K, K)
+    # the pairs "i beats j" are the strict upper triangle i < j (best-first order)
+    better_first = torch.ones(num_responses, num_responses, dtype=torch.bool, device=rewards.device)
+    better_first = torch.triu(better_first, diagonal=1)  # (K, K)
+    pair_mask = better_first & valid[:, :, None] & valid[:, None, :]  # (B, K, K)
+
+    pair_losses = -F.logsigmoid(margins)  # (B, K, K)
+    per_prompt = masked_mean(pair_losses, pair_mask, dim=(1, 2))  # (B,) mean over each prompt's pairs
+    has_pairs = pair_mask.flatten(1).any(dim=1)  # (B,) prompts with at least one comparison
+    return masked_mean(per_prompt, has_pairs)  # each prompt counts once
+    # END SOLUTION
+
+
+def classifier_reward_loss(logit_margin: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary-classifier reward model: each response labelled good (1) or bad (0) on its own.
+
+    ``logit_margin = log p(good) - log p(bad)`` is the classifier's logit, so
+    ``p(good) = sigmoid(logit_margin)`` and the loss is the mean binary cross-entropy
+
+    ``loss = mean_b -[ y_b * log sigmoid(m_b) + (1 - y_b) * log sigmoid(-m_b) ]``
+
+    This is the alternative to learning from comparisons (the "binary discrimination" baseline
+    that Askell et al. 2021, "A General Language Assistant as a Laboratory for Alignment", compare
+    with ranked preference modelling). Unlike the pairwise loss, it pins the absolute level of the
+    score (``m = 0`` means "as likely good as bad").
+
+    Args:
+        logit_margin: ``(B,)`` classifier logits.
+        labels: ``(B,)`` 1 for good, 0 for bad (bool, int or float; cast to the logits' dtype).
+
+    Returns:
+        0-d tensor, computed with ``binary_cross_entropy_with_logits`` (stable for large ``|m|``).
+    """
+    # BEGIN SOLUTION
+    labels = labels.to(logit_margin.dtype)
+    return F.binary_cross_entropy_with_logits(logit_margin, labels)
+    # END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 3: PPO with a KL penalty
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens (Schulman 2020).
+
+    The tokens were sampled from the policy ``q``; ``logp = log q(token)``,
+    ``ref_logp = log p(token)`` for the reference ``p`` (the frozen SFT model). With
+    ``log_ratio = logp - ref_logp`` and ``r = p / q = exp(ref_logp - logp)``:
+
+    * ``"k1"``: ``log_ratio``.  Unbiased, high variance, can be negative per token. This is the
+      penalty of InstructGPT eq. 2 / Ziegler et al. 2019, and the default (LHP, TRL).
+    * ``"k2"``: ``0.5 * log_ratio**2``.  Biased (small bias when q ~ p), low variance, >= 0.
+    * ``"k3"``: ``(r - 1) - log r``.  Unbiased, low variance, >= 0 (as ``log r <= r - 1``).
+    * ``"abs"``: ``|log_ratio|``.  A biased, non-negative variant some libraries offer.
+
+    Args:
+        logp, ref_logp: ``(B, T)`` log-probabilities of the *same* sampled tokens, computed with the
+            same temperature-scaled logits for both models.
+        kind: ``"k1"``, ``"k2"``, ``"k3"`` or ``"abs"``.
+
+    Returns:
+        ``(B, T)`` per-token KL estimate (unmasked: the caller masks).
+    """
+    # BEGIN SOLUTION
+    log_ratio = logp - ref_logp  # log q/p, (B, T)
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        # (r - 1) - log r with log r = -log_ratio; expm1 keeps precision when r ~ 1
+        return torch.expm1(-log_ratio) + log_ratio
+    if kind == "abs":
+        return log_ratio.abs()
+    raise ValueError(f"kl_penalty: unknown kind {kind!r}, expected 'k1', 'k2', 'k3' or 'abs'")
+    # END SOLUTION
+
+
+def kl_shaped_rewards(
+    score: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_kind: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards for PPO: a KL penalty on every token, the RM score on the last one.
+
+    InstructGPT eq. 2 / Ziegler et al. 2019 section 2.2 maximise
+    ``R(x, y) = r(x, y) - beta * log(pi(y|x) / pi_ref(y|x))``. The sequence-level KL splits into
+    per-token terms, so as in LHP and TRL (Huang et al. 2024) the reward of response token t is
+
+    ``rewards[b, t] = -kl_coef * kl[b, t] + (score[b] if t is the last valid token of row b else 0)``
+
+    with ``kl = kl_penalty(logp, ref_logp, kl_kind)``.
+
+    Conventions:
+        * "last valid token" is the position of the last 1 in the row's mask: the EOS itself, never
+          the PAD after it (trap: putting the score on the first PAD, or at ``T - 1``).
+        * rewards and kl are 0 at padded positions. A row with no valid token gets all 0 (and no
+          score).
+        * **Returns a tuple** ``(rewards, kl)``: DESIGN.md lists only the rewards; the per-token kl
+          is returned too because the PPO loop logs it (``objective/kl`` is ``kl.sum(1).mean()``,
+          the quantity the adaptive controller uses).
+
+    Args:
+        score: ``(B,)`` reward-model scores (already normalised / penalised by the caller).
+        logp, ref_logp: ``(B, T)`` log-probs of the response tokens under the policy at rollout time
+            and under the reference model.
+        mask: ``(B, T)`` bool or 0/1 float, 1 on response tokens up to and including the EOS.
+        kl_coef: beta, a float (e.g. ``AdaptiveKLController.value``).
+        kl_kind: estimator passed to ``kl_penalty``.
+
+    Returns:
+        ``(rewards, kl)``, both ``(B, T)`` in ``logp``'s dtype.
+    """
+    # BEGIN SOLUTION
+    batch_size, seq_len = logp.shape
+    valid = mask.to(logp.dtype) != 0  # (B, T) bool
+    kl = torch.where(valid, kl_penalty(logp, ref_logp, kl_kind), 0.0)  # (B, T), 0 at pads
+    rewards = -kl_coef * kl
+
+    # index of the last valid token of each row; -1 for a row with no valid token
+    positions = torch.arange(seq_len, device=logp.device).expand(batch_size, seq_len)  # (B, T)
+    last_index = torch.where(valid, positions, -1).max(dim=1).values  # (B,)
+    is_last = positions == last_index[:, None]  # (B, T), one True per non-empty row
+    rewards = rewards + torch.where(is_last, score.to(logp.dtype).reshape(batch_size, 1), 0.0)
+    return rewards, kl
+    # END SOLUTION
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate objective, as a loss (Schulman et al. 2017, eq. 7).
+
+    ``ratio = exp(logp - old_logp)``
+    ``loss  = masked_mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )``
+
+    which is ``-L^CLIP``: the max of the two losses is the min of the two objectives, a pessimistic
+    bound. For ``A > 0`` the gradient stops once ``ratio > 1 + eps``; for ``A < 0`` once
+    ``ratio < 1 - eps`` (trap: the clipping direction depends on the sign of the advantage, so
+    clipping the ratio alone, without the max, is wrong).
+
+    Args:
+        logp: ``(B, T)`` log-probs of the sampled tokens under the current policy (with grad).
+        old_logp: ``(B, T)`` the same under the policy that sampled them (rollout time, no grad).
+        advantages: ``(B, T)`` GAE advantages, usually whitened (constants: computed without grad;
+            this function does not detach them, the caller does).
+        mask: ``(B, T)`` bool or 0/1 float, 1 on response tokens.
+        clip_range: eps, e.g. 0.2.
+
+    Returns:
+        ``(loss, stats)``: a 0-d loss (one mean over all valid tokens) and a dict of Python floats:
+
+        * ``clipfrac``: fraction of valid tokens where the clipped term is the active one, i.e.
+          ``-A * clip(ratio) > -A * ratio`` strictly (there the token's gradient is 0);
+        * ``approxkl``: ``masked_mean(0.5 * (logp - old_logp)**2)`` (the k2 estimator of
+          KL(old || new), as LHP/TRL log it);
+        * ``ratio_mean``, ``ratio_max``: of the ratio over valid tokens (exactly 1 on the first
+          minibatch of an update; 0 when there is no valid token);
+        * ``policy_loss``: the loss as a float.
+    """
+    # BEGIN SOLUTION
+    log_ratio = logp - old_logp  # (B, T)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+
+    with torch.no_grad():
+        valid = mask.to(ratio.dtype) != 0
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
+            "approxkl": masked_mean(0.5 * log_ratio**2, mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
+            "ratio_max": torch.where(valid, ratio, 0.0).max().item() if ratio.numel() else 0.0,
+            "policy_loss": loss.item(),
+        }
+    return loss, stats
+    # END SOLUTION
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range_value: float,
+) -> tuple[torch.Tensor, dict]:
+    """Clipped value-function loss, as in OpenAI baselines, LHP and TRL (Huang et al. 2024).
+
+    ``v_clipped = old_values + clamp(values - old_values, -c, c)``
+    ``loss = 0.5 * masked_mean( max((values - R)**2, (v_clipped - R)**2) )``
+
+    The value head may move at most ``c`` away from its rollout-time prediction before the loss
+    stops pulling it further (the same pessimistic max as the policy loss). The 0.5 makes the
+    gradient ``values - R`` when unclipped.
+
+    Args:
+        values: ``(B, T)`` current value predictions (with grad).
+        old_values: ``(B, T)`` value predictions at rollout time (no grad).
+        returns: ``(B, T)`` GAE returns, ``advantages + old_values`` before whitening.
+        mask: ``(B, T)`` bool or 0/1 float, 1 on response tokens.
+        clip_range_value: ``c``, e.g. 0.2.
+
+    Returns:
+        ``(loss, stats)``: a 0-d loss (one mean over all valid tokens) and a dict of Python floats:
+
+        * ``clipfrac``: fraction of valid tokens where the clipped squared error is strictly larger
+          (there the token's gradient is 0);
+        * ``value_loss``: the loss as a float.
+    """
+    # BEGIN SOLUTION
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    error_unclipped = (values - returns) ** 2  # (B, T)
+    error_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(error_unclipped, error_clipped), mask)
+
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((error_clipped > error_unclipped).to(values.dtype), mask).item(),
+            "value_loss": loss.item(),
+        }
+    return loss, stats
+    # END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics
+# ---------------------------------------------------------------------------------------------
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position.
+
+    ``H = -sum_v p_v log p_v`` with ``p = softmax(logits)``.
+
+    Args:
+        logits: ``(..., V)``, e.g. ``(B, T, V)``; divide by the sampling temperature first if the
+            entropy of the sampling distribution is wanted. Entries may be ``-inf`` (top-k masking).
+
+    Returns:
+        ``(...)``, e.g. ``(B, T)``, in nats; between 0 and ``log V``.
+    """
+    # BEGIN SOLUTION
+    log_probs = torch.log_softmax(logits, dim=-1)  # (..., V)
+    probs = log_probs.exp()
+    # trap: a -inf logit gives p * log p = 0 * -inf = nan; its contribution is 0, so clamp log p
+    log_probs = log_probs.clamp(min=torch.finfo(log_probs.dtype).min)
+    return -(probs * log_probs).sum(dim=-1)
+    # END SOLUTION
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """How much of the returns' variance the value head explains (CleanRL, TRL).
+
+    ``explained_variance = 1 - Var[R - V] / Var[R]`` over the valid tokens (population variances).
+
+    1 is a perfect critic, 0 is no better than predicting the mean return, < 0 is worse than that.
+
+    Args:
+        values, returns: ``(B, T)``. mask: ``(B, T)`` bool or 0/1 float.
+
+    Returns:
+        A Python float; ``nan`` when the returns have zero variance (nothing to explain).
+    """
+    # BEGIN SOLUTION
+    with torch.no_grad():
+        var_returns = masked_var(returns, mask).item()
+        var_residual = masked_var(returns - values, mask).item()
+    if var_returns == 0.0:
+        return math.nan
+    return 1.0 - var_residual / var_returns
+    # END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------------
+# KL coefficient controllers
+# ---------------------------------------------------------------------------------------------
+
+
+class FixedKLController:
+    """A constant KL coefficient beta (InstructGPT uses a fixed beta = 0.02).
+
+    Same interface as ``AdaptiveKLController``: ``.value`` is the coefficient (a float) and
+    ``update(current_kl, n_steps)`` returns it, unchanged.
+    """
+
+    def __init__(self, kl_coef: float):
+        # BEGIN SOLUTION
+        self.value = float(kl_coef)
+        # END SOLUTION
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Ignore the measurement; return the fixed coefficient."""
+        # BEGIN SOLUTION
+        return self.value
+        # END SOLUTION
+
+
+class AdaptiveKLController:
+    """Adapt beta so the policy's KL to the reference tracks a target (Ziegler et al. 2019, section 2.2).
+
+    A proportional controller on the log-space error, clipped to +/-20%:
+
+    ``error = clip(current_kl / target - 1, -0.2, 0.2)``
+    ``value <- value * (1 + error * n_steps / horizon)``
+
+    Too much KL (error > 0) raises beta, too little lowers it. Ziegler et al. write
+    ``beta <- beta * (1 + K_beta * e)`` with ``K_beta = 0.1``; LHP/TRL, as here, use
+    ``K_beta = n_steps / horizon`` (``n_steps`` = samples in the batch just seen).
+
+    Args:
+        init_kl_coef: beta at the start.
+        target: the KL to aim for (nats per sequence), e.g. 6.
+        horizon: samples over which the error is corrected, e.g. 10000.
+
+    ``current_kl`` passed to ``update`` is the per-sequence **sum** of per-token KL, averaged over
+    the batch: ``kl.sum(dim=1).mean()`` with ``kl`` from ``kl_shaped_rewards``.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        # BEGIN SOLUTION
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+        # END SOLUTION
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Move ``value`` towards the target KL; return the new value (a float).
+
+        Args:
+            current_kl: per-sequence summed KL averaged over the batch (float or 0-d tensor).
+            n_steps: how many samples (sequences) that measurement covers.
+        """
+        # BEGIN SOLUTION
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        return self.value
+        # END SOLUTION

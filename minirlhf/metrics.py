@@ -1,0 +1,193 @@
+"""Training metrics: one JSON object per logged step, and the small statistics the plots use.
+
+Every stage writes `out/<stage>_metrics.jsonl`:
+
+    {"step": 1, "loss/sft": 4.12, "lr": 3e-05}
+    {"step": 2, "loss/sft": 3.97, "lr": 6e-05}
+    {"step": 100, "loss/sft": 1.93, "eval/loss": null}     <- NaN is written as null
+
+JSONL (JSON Lines) because it is appendable (a resumed run adds lines), survives a crash (every
+line is flushed when written, so at most the last line is cut short), and every tool reads it:
+`read_metrics` here, `pandas.read_json(path, lines=True)`, `jq`. JSON has no NaN or Infinity, so a
+non-finite number is written as `null`: a diverged loss is visible as a gap, and the file stays
+valid JSON for every reader.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from minirlhf.cli import UserError
+
+__all__ = ["MetricsLogger", "read_metrics", "ema", "pearson_r", "spearman_rho"]
+
+
+class MetricsLogger:
+    """Append one JSON object per `log(step, **metrics)` call to a JSONL file.
+
+        with MetricsLogger("out/sft_metrics.jsonl") as metrics:
+            metrics.log(step, **{"loss/sft": loss, "lr": lr})
+
+    Values may be Python numbers, bools, strings, None, NumPy scalars or one-element tensors
+    (converted with `.item()`, which syncs a GPU: log at intervals, not every step, on CUDA).
+    NaN and +-Inf are written as `null`. Each line is flushed as soon as it is written.
+
+    Args:
+        path: the JSONL file; its directory is created.
+        append: keep the existing lines (a `--resume`d run) instead of starting the file afresh.
+    """
+
+    def __init__(self, path: str | os.PathLike, append: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a" if append else "w", encoding="utf-8")
+
+    def log(self, step: int, /, **metrics) -> dict[str, Any]:
+        """Write `{"step": step, **metrics}` as one line; returns the record as written."""
+        if self._file is None:
+            raise ValueError(f"MetricsLogger for {self.path} is closed")
+        if "step" in metrics:
+            raise ValueError("'step' is the record's key; pass it as the first argument")
+        record = {"step": int(step)}
+        for name, value in metrics.items():
+            record[name] = _json_value(value, name)
+        # allow_nan=False: a NaN that slipped through would make the file invalid JSON for other tools
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _json_value(value, name: str):
+    """One metric value as a JSON-ready Python value (None for NaN/Inf)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"metric {name!r}: expected a number, got a tensor of shape {tuple(value.shape)} "
+                            "(reduce it first, e.g. .mean())")
+        value = value.item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    raise TypeError(f"metric {name!r}: cannot log a {type(value).__name__}; expected a number")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a metrics JSONL file into a list of dicts (`null` comes back as None).
+
+    A last line cut short by a crash (no final newline, not valid JSON) is dropped; any other bad
+    line is a `UserError` naming the file and the line number.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"metrics file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read metrics file {path}: {error}") from None
+    lines = text.split("\n")
+    records = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            cut_short = line_number == len(lines)  # only the last line can lack its "\n"
+            if cut_short:
+                break
+            raise UserError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def ema(values: Iterable, alpha: float = 0.1) -> list[float | None]:
+    """Exponential moving average that skips missing values.
+
+        s_1 = x_1   (the first valid value: no warm-up bias towards 0)
+        s_t = alpha * x_t + (1 - alpha) * s_{t-1}
+
+    `alpha` is the weight of the newest value (1 = no smoothing); the average spans roughly the
+    last 2/alpha - 1 values. None and NaN entries are skipped: they do not move the average, and
+    their output is None (so the output lines up with the input). Example, alpha = 0.5:
+
+        ema([1, None, 3, nan, 5], 0.5) == [1.0, None, 2.0, None, 3.5]
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"ema alpha must be in (0, 1], got {alpha}")
+    smoothed: list[float | None] = []
+    average = None
+    for value in values:
+        if value is None or math.isnan(float(value)):
+            smoothed.append(None)
+            continue
+        value = float(value)
+        average = value if average is None else alpha * value + (1.0 - alpha) * average
+        smoothed.append(average)
+    return smoothed
+
+
+def pearson_r(x, y) -> float:
+    """Pearson correlation: how well a straight line relates x and y, in [-1, 1].
+
+        r = sum((x - mean x)(y - mean y)) / sqrt(sum((x - mean x)^2) * sum((y - mean y)^2))
+
+    NaN when there are fewer than 2 points or either input is constant (r is undefined).
+    """
+    x, y = _paired_arrays(x, y)
+    if len(x) < 2:
+        return math.nan
+    dx, dy = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
+    return float((dx * dy).sum()) / denominator if denominator > 0 else math.nan
+
+
+def spearman_rho(x, y) -> float:
+    """Spearman rank correlation: the Pearson correlation of the ranks, in [-1, 1].
+
+    It asks only whether y goes up when x goes up, not by how much, which is what matters when
+    comparing a reward model's scores with the gold labeler's: a reward model only needs to
+    order responses correctly. Tied values get the average of their ranks, so
+    ranks([10, 20, 20, 30]) = [1, 2.5, 2.5, 4].
+    """
+    x, y = _paired_arrays(x, y)
+    return pearson_r(_average_ranks(x), _average_ranks(y))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the average of the ranks they span."""
+    unique, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last_rank = np.cumsum(counts)  # the group of the j-th smallest value spans ranks last-count+1 .. last
+    average_rank = last_rank - (counts - 1) / 2.0
+    return average_rank[inverse].astype(np.float64)
+
+
+def _paired_arrays(x, y) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    return x, y

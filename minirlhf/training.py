@@ -1,0 +1,81 @@
+"""Small pieces that every training script shares: the learning-rate schedule, the language-model
+loss through the fused logprob kernel, sampling chat responses, and the NaN guard."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minirlhf.cli import UserError
+from minirlhf.generate import generate
+from minirlhf.kernels import token_logprobs
+from minirlhf.tokenizer import Tokenizer, render_chat
+
+
+def cosine_lr(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr: float) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `total_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood of `targets` over the tokens where `loss_mask` is 1.
+
+    inputs, targets, loss_mask: (B, T); targets[b, t] is the token the logits at inputs[b, t]
+    predict (the caller has shifted them). The LM head is fused into `token_logprobs`, so the
+    (B, T, V) logits are never materialised. Equal to `losses.sft_loss(logits, targets, mask)`.
+    """
+    hidden = model(inputs, attention_mask=attention_mask, return_hidden=True).hidden   # (B, T, d)
+    if loss_mask is None:
+        loss_mask = torch.ones_like(targets)
+    masked_targets = targets.masked_fill(loss_mask == 0, -100)   # ignored: logprob 0, no gradient
+    logprobs = token_logprobs(hidden, model.lm_head.weight, masked_targets)            # (B, T)
+    return -logprobs.sum() / loss_mask.sum().clamp(min=1)
+
+
+def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
+    """A NaN/Inf stops the run with a message; the last checkpoint on disk stays as it was."""
+    if not torch.isfinite(loss).all():
+        raise UserError(f"{what} became {loss.item()} at step {step}: stopping (the last saved checkpoint is "
+                        "intact; try a lower --lr)")
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int,
+                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                     generator: torch.Generator | None = None, batch_size: int = 64):
+    """Sample one response per prompt. Returns (texts, ended, generations): decoded responses
+    (EOS excluded), whether each stopped with EOS within `max_new_tokens`, and the raw
+    `Generation` of each batch (token ids, masks, logprobs)."""
+    texts, ended, generations = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        out = generate(model, [render_chat(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens,
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature,
+                       top_k=top_k, top_p=top_p, generator=generator)
+        texts += [tokenizer.decode(ids) for ids in out.response_lists()]
+        ended += out.ended.tolist()
+        generations.append(out)
+    return texts, ended, generations
+
+
+def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                      temperature: float = 1.0, return_entropy: bool = False):
+    """Log-probabilities of the response tokens of (prompt + response) sequences under `model`.
+
+    sequences, attention_mask: (B, P + R) as from `Generation.sequences()` (prompts left-padded to
+    P). Returns (B, R) log p(response token t), and the (B, R) entropies if asked.
+    Off-by-one: the logits that predict response token t sit at position P - 1 + t, so we take the
+    hidden states at positions P-1 .. P+R-2. The logits are divided by `temperature` - the same one
+    the sampler used - for the policy, the old policy and the reference alike (PPO's logprobs must
+    describe the distribution the tokens were actually drawn from).
+    """
+    hidden = model(sequences, attention_mask=attention_mask, return_hidden=True).hidden   # (B, P+R, d)
+    hidden = hidden[:, prompt_len - 1:-1]                                                 # (B, R, d)
+    targets = sequences[:, prompt_len:]                                                   # (B, R)
+    return token_logprobs(hidden, model.lm_head.weight, targets, temperature=temperature,
+                          return_entropy=return_entropy)

@@ -1,0 +1,174 @@
+"""Step 0: pretrain the base model on the tiny-world corpus.
+
+Reads  data/corpus.txt, data/tokenizer.tiktoken   (written by data/prepare.py)
+Writes out/base.pt, out/base_metrics.jsonl, out/base_curves.png
+
+The corpus is narrative text plus chats in which the assistant is inconsistent (correct, wrong,
+rude, off-topic, rambling, never stopping), so the base model learns the world's facts and the chat
+format - and all of those behaviours. That is the starting point InstructGPT had: GPT-3 knew a lot
+and followed instructions badly.
+
+CPU:  python train_base.py                      (preset tiny, ~2.5 minutes on 2 cores)
+      python train_base.py --preset smoke       (seconds; for tests)
+GPU:  python train_base.py --preset small --device cuda
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from minirlhf.checkpoint import save_checkpoint
+from minirlhf.cli import Progress, UserError, parse_config, print_config, resolve_device, run_main, seed_everything
+from minirlhf.data import random_windows, read_prompts
+from minirlhf.kernels import set_kernel_impl
+from minirlhf.metrics import MetricsLogger, read_metrics
+from minirlhf.model import GPT, MODEL_PRESETS, GPTConfig
+from minirlhf.plots import plot_curves
+from minirlhf.tokenizer import Tokenizer
+from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
+
+
+@dataclass
+class BaseConfig:
+    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), small (GPU)"})
+    data_dir: str = field(default="data", metadata={"help": "where data/prepare.py wrote the corpus and tokenizer"})
+    out_dir: str = field(default="out", metadata={"help": "where base.pt and the logs go"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    seed: int = field(default=1337, metadata={"help": "random seed"})
+    max_steps: int = field(default=900, metadata={"help": "optimizer steps", "min": 1})
+    batch_size: int = field(default=32, metadata={"help": "sequences per step", "min": 1})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence", "min": 8})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)", "min": 0.0})
+    min_lr: float = field(default=2e-4, metadata={"help": "learning rate at the end of the cosine decay", "min": 0.0})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps", "min": 0})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on 2-D weights", "min": 0.0})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
+    eval_every: int = field(default=100, metadata={"help": "held-out loss every N steps", "min": 1})
+    eval_batches: int = field(default=8, metadata={"help": "batches per held-out loss", "min": 1})
+    sample_every: int = field(default=300, metadata={"help": "print samples every N steps", "min": 1})
+    n_layer: int = field(default=0, metadata={"help": "transformer blocks (0: the preset's)", "min": 0})
+    d_model: int = field(default=0, metadata={"help": "width (0: the preset's)", "min": 0})
+    n_head: int = field(default=0, metadata={"help": "attention heads (0: the preset's)", "min": 0})
+    kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
+                                                   "choices": ["auto", "reference"]})
+    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+
+
+PRESETS = {
+    "smoke": dict(max_steps=30, batch_size=8, seq_len=64, eval_every=15, eval_batches=2, sample_every=30,
+                  warmup_steps=5),
+    "tiny": {},
+    "small": dict(max_steps=5000, batch_size=64, seq_len=256, lr=6e-4, min_lr=6e-5, warmup_steps=200,
+                  eval_every=250, sample_every=1000),
+}
+SAMPLE_PROMPTS = 3
+
+
+def model_config(cfg, vocab_size: int) -> GPTConfig:
+    """The preset's architecture, with any --n-layer/--d-model/--n-head override."""
+    arch = dict(MODEL_PRESETS[cfg.preset])
+    for name in ("n_layer", "d_model", "n_head"):
+        if getattr(cfg, name):
+            arch[name] = getattr(cfg, name)
+    return GPTConfig(vocab_size=vocab_size, **arch)
+
+
+@torch.no_grad()
+def held_out_loss(model, tokens, cfg, generator) -> float:
+    model.eval()
+    losses = []
+    for _ in range(cfg.eval_batches):
+        inputs, targets = random_windows(tokens, cfg.batch_size, cfg.seq_len, generator)
+        losses.append(lm_loss(model, inputs.to(model.lm_head.weight.device),
+                              targets.to(model.lm_head.weight.device)).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def main() -> None:
+    cfg = parse_config(BaseConfig, PRESETS, description="Pretrain the base model on the tiny-world corpus.")
+    print_config(cfg, "train_base")
+    seed_everything(cfg.seed)
+    set_kernel_impl(cfg.kernels)
+    device = resolve_device(cfg.device)
+
+    # ---- data: one token stream; the last 5% held out
+    tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
+    corpus_path = os.path.join(cfg.data_dir, "corpus.txt")
+    if not os.path.exists(corpus_path):
+        raise UserError(f"{corpus_path}: file not found (run python data/prepare.py first)")
+    with open(corpus_path, encoding="utf-8") as f:
+        tokens = torch.tensor(tokenizer.encode(f.read(), allow_special=True), dtype=torch.long)
+    split = int(0.95 * len(tokens))
+    train_tokens, val_tokens = tokens[:split], tokens[split:]
+    if len(val_tokens) <= cfg.seq_len + 1:
+        raise UserError(f"{corpus_path}: corpus too small for --seq-len {cfg.seq_len}")
+    sample_prompts = read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl"))[:SAMPLE_PROMPTS]
+    print(f"corpus: {len(tokens):,} tokens ({len(train_tokens):,} train, {len(val_tokens):,} held out)")
+
+    # ---- model and optimizer
+    config = model_config(cfg, tokenizer.vocab_size)
+    if cfg.seq_len > config.block_size:
+        raise UserError(f"--seq-len {cfg.seq_len} is longer than the model's block_size {config.block_size}")
+    model = GPT(config).to(device)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters ({config.n_layer} layers, d_model {config.d_model})")
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.out_dir, "base_metrics.jsonl")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    progress = Progress(cfg.max_steps, desc="base")
+    start = time.time()
+    val_loss = float("nan")
+    with MetricsLogger(metrics_path) as log:
+        for step in range(cfg.max_steps):
+            lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, targets = random_windows(train_tokens, cfg.batch_size, cfg.seq_len, generator)
+            loss = lm_loss(model, inputs.to(device), targets.to(device))
+            check_finite(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+
+            tokens_per_s = (step + 1) * cfg.batch_size * cfg.seq_len / (time.time() - start)   # run average
+            record = {"loss/train": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+                val_loss = held_out_loss(model, val_tokens, cfg, eval_generator)
+                record["loss/val"] = val_loss
+            log.log(step + 1, **record)
+            progress.log(step + 1, tokens=cfg.batch_size * cfg.seq_len, loss=loss.item(), val=val_loss)
+            if (step + 1) % cfg.sample_every == 0 or step + 1 == cfg.max_steps:
+                texts, _, _ = sample_responses(model, tokenizer, sample_prompts, max_new_tokens=40,
+                                               generator=torch.Generator().manual_seed(step))
+                model.train()
+                for prompt, text in zip(sample_prompts, texts):
+                    print(f"  [sample] {prompt!r} -> {text!r}")
+
+    summary = {"loss/train": loss.item(), "loss/val": val_loss, "minutes": (time.time() - start) / 60,
+               "parameters": n_params}
+    out_path = os.path.join(cfg.out_dir, "base.pt")
+    save_checkpoint(out_path, kind="base", model_state=model.state_dict(), model_config=asdict(config),
+                    tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=cfg.max_steps,
+                    metrics=summary)
+    curves = os.path.join(cfg.out_dir, "base_curves.png")
+    plot_curves(read_metrics(metrics_path), [
+        {"keys": ["loss/train", "loss/val"], "title": "next-token loss", "ylabel": "cross-entropy (nats)"},
+        {"keys": ["lr"], "title": "learning rate", "ylabel": "lr", "smooth": False},
+        {"keys": ["grad_norm"], "title": "gradient norm (before clipping)", "ylabel": "L2 norm"},
+        {"keys": ["tokens_per_s"], "title": "throughput (run average)", "ylabel": "tokens / s", "smooth": False},
+    ], curves, title="Base model pretraining")
+    print(f"done in {summary['minutes']:.1f} min: held-out loss {val_loss:.3f}")
+    print(f"wrote {out_path}, {metrics_path}, {curves}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -172,7 +172,7 @@ def main() -> None:
              else f"CPU, {args.threads or torch.get_num_threads()} threads")
     print(f"gae: B = {args.batch}, T = {args.seq_len}, gamma = {args.gamma}, lam = {args.lam}, fp32, "
           f"on {where} (torch {torch.__version__}). Each row: fresh processes.\n")
-    header = f"{'impl':>7} {'time ms':>10} {'speedup':>9} {'peak MB':>8}  {'fp32 err (rel)':>14} {'fp64 err (abs)':>14}"
+    header = f"{'impl':>7} {'time ms':>10} {'speedup':>9} {'peak KB':>8}  {'fp32 err (rel)':>14} {'fp64 err (abs)':>14}"
     print(header)
     print("-" * len(header))
     results = {impl: run_child(args, impl) for impl in args.impls}
@@ -183,7 +183,7 @@ def main() -> None:
             continue
         speedup = baseline["time_s"] / result["time_s"] if "time_s" in baseline else float("nan")
         fp64 = f"{result['fp64_abs_err']:.1e}" if "fp64_abs_err" in result else "-"
-        print(f"{impl:>7} {result['time_s'] * 1e3:>10.3f} {speedup:>8.1f}x {result['peak_bytes'] / 1e6:>8.2f}  "
+        print(f"{impl:>7} {result['time_s'] * 1e3:>10.3f} {speedup:>8.1f}x {result['peak_bytes'] / 1e3:>8.0f}  "
               f"{result['fp32_rel_err']:>14.1e} {fp64:>14}")
     print("\nspeedup: the loop's time / this time. Errors: against the loop in fp64 (fp32 errors relative "
           "to the largest advantage).")

@@ -241,7 +241,7 @@ def ranking_reward_loss(rewards: torch.Tensor, valid: torch.Tensor | None = None
         0-d tensor. With ``K = 2`` it equals ``pairwise_reward_loss(rewards[:, 0], rewards[:, 1])``.
     """
     # BEGIN SOLUTION
-    batch_size, num_responses = rewards.shape
+    num_responses = rewards.shape[1]  # K
     if valid is None:
         valid = torch.ones_like(rewards, dtype=torch.bool)
     valid = valid.to(torch.bool)

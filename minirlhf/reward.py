@@ -1,22 +1,201 @@
-"""Using a trained reward model: load `rm.pt`, score (prompt, response) pairs, normalised.
+"""The reward model: the batches and losses that train it, how it is judged, and how it is used.
 
-The RM's raw outputs have an arbitrary offset and scale (the ranking loss only sees differences),
-so after training `train_rm.py` stores a bias and a gain that make the SFT policy's samples score
-mean 0, std 1 (InstructGPT normalises its RM the same way before RL; so does TRL). Every user of
-the RM - PPO, best-of-n, evaluation - goes through `RewardScorer`, which applies them:
+Training (`train_rm.py`, InstructGPT section 3.5). A comparison is one prompt with K responses
+ranked best first. `encode_ranked` renders each response as the policy produced it,
+
+    [USER] prompt [ASSISTANT] response [EOS]        ([EOS] left off a response that never stopped)
+
+and `comparison_loss` scores a batch of comparisons and applies one of two objectives:
+
+    ranking     InstructGPT's K-wise loss (eq. 1): all C(K, 2) pairs of a prompt are one batch
+                element, loss = mean over pairs of -log sigmoid(r_better - r_worse)
+                (`losses.ranking_reward_loss`; prompts with different K share a batch through a
+                valid mask);
+    classifier  a good/bad classifier: the best response of each ranking is labelled 1, the
+                worst 0, cross-entropy (`losses.classifier_reward_loss`); the RM's scalar output is
+                the classifier's logit margin log p(good) - log p(bad).
+
+Judging it: `pairwise_accuracy` against the labeler's rankings, and `gold_agreement` against the
+noiseless gold labeler (pairwise accuracy per prompt family, rank correlation, top choice).
+
+Using it. The RM's raw outputs have an arbitrary offset and scale (the ranking loss only sees
+differences), so after training `train_rm.py` stores a bias and a gain (`fit_normalisation`) that
+make the SFT policy's samples score mean 0, std 1 (InstructGPT normalises its RM the same way
+before RL; so does TRL). Every user of the RM - PPO, best-of-n, evaluation - goes through
+`RewardScorer` (`load_reward_model`), which applies them:
 
     score = (raw - bias) * gain
 """
 
 from __future__ import annotations
 
+import math
+from itertools import combinations
+
 import torch
 
+from minirlhf import labeler, world
 from minirlhf.checkpoint import load_checkpoint
-from minirlhf.data import pad_sequences
+from minirlhf.data import Comparison, pad_sequences
+from minirlhf.losses import classifier_reward_loss, ranking_reward_loss
+from minirlhf.metrics import pearson_r, spearman_rho
 from minirlhf.model import GPTConfig, RewardModel
 from minirlhf.tokenizer import Tokenizer, render_chat
 
+RM_OBJECTIVES = ("ranking", "classifier")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training batches and losses
+
+def encode_ranked(tokenizer: Tokenizer, comparison: Comparison, block_size: int,
+                  ended: list[bool] | None = None) -> list[list[int]]:
+    """Token ids of each response of a comparison, BEST FIRST (in `comparison.ranking` order).
+
+    `ended[i]` (default: the comparison's own `ended`, else all True) is False for a response that
+    ran out of tokens without EOS: it is rendered without the EOS, as the policy left it. A
+    sequence longer than `block_size` is cut (its reward is then read at the cut).
+    """
+    ended = ended if ended is not None else getattr(comparison, "ended", None) or [True] * len(comparison.responses)
+    return [render_chat(tokenizer, comparison.prompt, comparison.responses[i], add_eos=ended[i])[:block_size]
+            for i in comparison.ranking]
+
+
+def score_rows(model: RewardModel, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Raw rewards (N,) of N token lists, right-padded into one batch; each is read at its row's
+    last real token, so the padding (its length, or the PAD id) does not change it."""
+    device = next(model.parameters()).device
+    ids, mask = pad_sequences(rows, pad_id, side="right")   # (N, T) each
+    return model(ids.to(device), attention_mask=mask.to(device)).float()
+
+
+def comparison_loss(model: RewardModel, batch: list[list[list[int]]], objective: str,
+                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a batch of B comparisons, and their rewards.
+
+    batch[b] is comparison b's responses as token lists, best first (`encode_ranked`); prompts may
+    have different numbers of responses K_b >= 2. Returns (loss, rewards): a 0-d loss to minimise
+    and the detached rewards (B, K_max), best first, NaN where a prompt has fewer responses (and,
+    for the classifier, at the middle ranks, which it does not score).
+    """
+    if objective not in RM_OBJECTIVES:
+        raise ValueError(f"objective must be one of {RM_OBJECTIVES}, got {objective!r}")
+    B, k_max = len(batch), max(len(responses) for responses in batch)
+    device = next(model.parameters()).device
+    if objective == "classifier":
+        rows = [responses[0] for responses in batch] + [responses[-1] for responses in batch]   # B best, B worst
+        margins = score_rows(model, rows, pad_id)                                              # (2B,)
+        labels = torch.cat([torch.ones(B), torch.zeros(B)]).to(device)                          # good 1, bad 0
+        rewards = torch.full((B, k_max), math.nan, device=device)
+        rewards[:, 0] = margins[:B].detach()
+        worst_slot = torch.tensor([len(responses) - 1 for responses in batch], device=device)
+        rewards[torch.arange(B, device=device), worst_slot] = margins[B:].detach()
+        return classifier_reward_loss(margins, labels), rewards
+
+    # ranking: score every response once, then place the scores in a (B, K_max) best-first grid
+    rows = [tokens for responses in batch for tokens in responses]                          # N = sum of K_b
+    slots = torch.tensor([b * k_max + i for b, responses in enumerate(batch) for i in range(len(responses))],
+                         device=device)                                                     # (N,) flat grid index
+    scores = score_rows(model, rows, pad_id)                                                # (N,)
+    rewards = torch.zeros(B * k_max, device=device).index_put((slots,), scores).view(B, k_max)
+    valid = torch.zeros(B * k_max, dtype=torch.bool, device=device).index_fill(0, slots, True).view(B, k_max)
+    loss = ranking_reward_loss(rewards, valid)
+    return loss, rewards.detach().masked_fill(~valid, math.nan)
+
+
+def pairwise_accuracy(rewards_best_first: torch.Tensor) -> float:
+    """The share of pairs i < j (i ranked above j by the labeler) with r_i > r_j, over all rows
+    of a (B, K) best-first grid; a tie counts half, NaN entries (missing responses) are skipped.
+
+        pairwise_accuracy(torch.tensor([[3.0, 1.0, 2.0]])) -> 2/3   (3>1 yes, 3>2 yes, 1>2 no)
+    """
+    correct = total = 0.0
+    for row in rewards_best_first.tolist():
+        row = [r for r in row if not math.isnan(r)]
+        for better, worse in combinations(row, 2):
+            correct += 1.0 if better > worse else 0.5 if better == worse else 0.0
+            total += 1
+    return correct / total if total else math.nan
+
+
+def fit_normalisation(raw_scores: torch.Tensor) -> tuple[float, float]:
+    """(bias, gain) such that (raw - bias) * gain has mean 0 and standard deviation 1 on `raw_scores`
+    (the RM's raw scores of SFT-policy samples). The std is the sample std (n - 1); a constant
+    sample (std ~ 0) keeps gain 1. The map is increasing, so every ranking - and so the RM's
+    pairwise accuracy - is unchanged.
+
+        fit_normalisation(torch.tensor([1.0, 3.0]))  ->  (2.0, 0.7071...)   # std = sqrt(2)
+    """
+    raw_scores = raw_scores.detach().double().flatten()
+    if raw_scores.numel() < 2:
+        raise ValueError(f"need at least 2 scores to fit a normalisation, got {raw_scores.numel()}")
+    bias = raw_scores.mean().item()
+    std = raw_scores.std().item()
+    return bias, (1.0 / std if std > 1e-6 else 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Judging a reward model against the gold labeler
+
+def gold_agreement(comparisons: list[Comparison], rm_scores: list[list[float]]) -> tuple[dict, list[float], list[float]]:
+    """How a reward model agrees with the NOISELESS gold labeler on some (held-out) comparisons.
+
+    comparisons[c].responses are scored by the RM as rm_scores[c] (same order); the gold totals
+    come from `labeler.score` (with each response's `ended`, if the comparison has it). The
+    headline numbers use the responses sampled from the policy (`sources` "policy"; all of them
+    for comparisons without `sources`), the distribution PPO starts from:
+
+        gold/accuracy         pairwise accuracy on the pairs whose gold totals differ (RM ties count half)
+        gold/accuracy/FAMILY  the same for each prompt family
+        gold/spearman         rank correlation of RM and gold scores, over all samples pooled
+        gold/pearson          linear correlation, the same samples
+        gold/top_choice       share of prompts where the RM's favourite has the highest gold total
+                              (chance: about 1/K)
+        gold/accuracy/degenerate   pairs of a policy sample and an added degenerate response
+                                   (`labeling.add_degenerate`), when there are any
+
+    Returns (report, rm, gold): the report and the policy samples' RM and gold scores, flat (for
+    a scatter plot).
+    """
+    hits_by_family: dict[str, list[float]] = {}
+    degenerate_hits, top_hits, all_rm, all_gold = [], [], [], []
+    for comparison, rm in zip(comparisons, rm_scores):
+        ended = getattr(comparison, "ended", None) or [True] * len(rm)
+        from_policy = [s == "policy" for s in (getattr(comparison, "sources", None) or ["policy"] * len(rm))]
+        gold = [labeler.score(comparison.prompt, r, e).total for r, e in zip(comparison.responses, ended)]
+        task = world.task_for_prompt(comparison.prompt)
+        family = task.family if task else "other"
+        for i, j in combinations(range(len(gold)), 2):
+            if gold[i] == gold[j] or not (from_policy[i] or from_policy[j]):
+                continue
+            agree = (rm[i] - rm[j]) * (gold[i] - gold[j])   # > 0: the same order
+            hit = 1.0 if agree > 0 else 0.5 if agree == 0 else 0.0
+            if from_policy[i] and from_policy[j]:
+                hits_by_family.setdefault(family, []).append(hit)
+            else:
+                degenerate_hits.append(hit)
+        policy = [i for i in range(len(rm)) if from_policy[i]]
+        if policy:
+            favourite = max(policy, key=rm.__getitem__)
+            top_hits.append(float(gold[favourite] == max(gold[i] for i in policy)))
+        all_rm += [rm[i] for i in policy]
+        all_gold += [gold[i] for i in policy]
+
+    def mean(values):
+        return sum(values) / len(values) if values else math.nan
+
+    report = {"gold/accuracy": mean([hit for hits in hits_by_family.values() for hit in hits]),
+              "gold/spearman": spearman_rho(all_rm, all_gold), "gold/pearson": pearson_r(all_rm, all_gold),
+              "gold/top_choice": mean(top_hits)}
+    for family in sorted(hits_by_family):
+        report[f"gold/accuracy/{family}"] = mean(hits_by_family[family])
+    if degenerate_hits:
+        report["gold/accuracy/degenerate"] = mean(degenerate_hits)
+    return report, all_rm, all_gold
+
+
+# ----------------------------------------------------------------------------------------------
+# Using a trained reward model
 
 class RewardScorer:
     """A frozen reward model with its normalisation."""

@@ -68,7 +68,8 @@ def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
     """Log-probabilities of the response tokens of (prompt + response) sequences under `model`.
 
     sequences, attention_mask: (B, P + R) as from `Generation.sequences()` (prompts left-padded to
-    P). Returns (B, R) log p(response token t), and the (B, R) entropies if asked.
+    P, responses right-padded). Returns (B, R) log p(response token t) - 0 at PAD positions, which
+    the kernel skips - and the (B, R) entropies if asked.
     Off-by-one: the logits that predict response token t sit at position P - 1 + t, so we take the
     hidden states at positions P-1 .. P+R-2. The logits are divided by `temperature` - the same one
     the sampler used - for the policy, the old policy and the reference alike (PPO's logprobs must
@@ -76,6 +77,7 @@ def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
     """
     hidden = model(sequences, attention_mask=attention_mask, return_hidden=True).hidden   # (B, P+R, d)
     hidden = hidden[:, prompt_len - 1:-1]                                                 # (B, R, d)
-    targets = sequences[:, prompt_len:]                                                   # (B, R)
+    response_mask = attention_mask[:, prompt_len:]
+    targets = sequences[:, prompt_len:].masked_fill(response_mask == 0, -100)            # (B, R)
     return token_logprobs(hidden, model.lm_head.weight, targets, temperature=temperature,
                           return_entropy=return_entropy)

@@ -206,7 +206,7 @@ def good_response(task: Task, rng: random.Random) -> str:
     """A demonstration: correct, kind, on topic, well formed - but of varying completeness."""
     if task.family == "facts":
         answer = fact_sentence(task.subject, task.attribute)
-        if rng.random() < 0.3:   # labelers sometimes add a (true, on-topic) second sentence
+        if rng.random() < 0.5:   # labelers often add a (true, on-topic, but unasked-for) second sentence
             other = rng.choice([a for a in ATTRIBUTES if a != task.attribute])
             answer += " " + fact_sentence(task.subject, other, article="The")
         return answer

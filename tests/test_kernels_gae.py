@@ -183,6 +183,11 @@ def test_empty_rows_and_single_step(impl):
     one = gae(rewards[1:2, :1], values[1:2, :1], mask[1:2, :1], impl=impl)
     assert_within("T=1 advantage", one[0], rewards[1:2, :1] - values[1:2, :1], 1e-12)
     assert_within("T=1 return", one[1], rewards[1:2, :1], 1e-12)
+    # empty batches
+    for shape in ((0, 4), (3, 0)):
+        empty = torch.zeros(shape, dtype=torch.float64)
+        advantages, returns = gae(empty, empty, empty.bool(), impl=impl)
+        assert advantages.shape == shape and returns.shape == shape
 
 
 @pytest.mark.parametrize("impl", FAST_PATHS)

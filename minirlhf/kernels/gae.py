@@ -26,6 +26,8 @@ scan in plain torch (the CPU default), and a Triton kernel (CUDA).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from minirlhf.kernels.dispatch import resolve_impl, triton_kernels
@@ -91,18 +93,18 @@ def gae_reference(
 # costs ~T small torch calls; the blocked version below does the same sum with two small matmuls.
 
 
-def _decay_matrix(n: int, discount: float, stride: int, dtype, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _decay_matrix(n: int, discount: float, stride: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(n, n) upper-triangular ``M[i, k] = discount^(stride * (k - i))`` for ``k >= i``, else 0.
 
-    Built in fp64, then cast. Entries too small to matter are set to exactly 0 (denormal operands
-    would make the CPU matmul crawl, and they change no result).
+    Built in fp64, then cast; cached, since PPO calls gae with the same sizes every step. Entries
+    too small to matter are set to exactly 0: denormal operands would make the CPU matmul crawl,
+    and they change no result.
     """
     steps = torch.arange(n, dtype=torch.float64)
     distance = steps[None, :] - steps[:, None]  # (n, n): k - i
-    matrix = torch.where(
-        distance >= 0, torch.tensor(discount, dtype=torch.float64) ** (stride * distance.clamp(min=0)), 0.0
-    )
-    matrix = torch.where(matrix < 1e-30, 0.0, matrix)
+    powers = torch.tensor(discount, dtype=torch.float64) ** (stride * distance.clamp(min=0))
+    matrix = torch.where((distance >= 0) & (powers >= 1e-30), powers, 0.0)
     return matrix.to(dtype=dtype, device=device)
 
 
@@ -121,17 +123,17 @@ def discounted_reverse_cumsum(x: torch.Tensor, discount: float, block: int = GAE
     """
     batch_size, n_steps = x.shape
     n_blocks = -(-n_steps // block)
-    padded = torch.nn.functional.pad(x, (0, n_blocks * block - n_steps))  # zeros after the end
-    blocks = padded.view(batch_size, n_blocks, block)  # (B, nb, L)
+    if n_blocks * block != n_steps:
+        x = torch.nn.functional.pad(x, (0, n_blocks * block - n_steps))  # zeros after the end
+    blocks = x.reshape(batch_size, n_blocks, block)  # (B, nb, L)
 
     in_block = _decay_matrix(block, discount, 1, x.dtype, x.device)  # (L, L)
-    local = blocks @ in_block.T  # (B, nb, L): sum within the block only
+    local = blocks @ in_block.T  # (B, nb, L): sums within each block only
     across_blocks = _decay_matrix(n_blocks, discount, block, x.dtype, x.device)  # (nb, nb)
     heads = local[:, :, 0] @ across_blocks.T  # (B, nb): the true value at each block's start
     next_heads = torch.nn.functional.pad(heads[:, 1:], (0, 1))  # (B, nb): H_{i+1}, 0 at the end
-    steps_to_next_block = torch.arange(block, 0, -1, dtype=torch.float64, device=x.device)
-    carry_decay = (torch.tensor(discount, dtype=torch.float64) ** steps_to_next_block).to(x.dtype)  # (L,)
-    out = local.add_(next_heads[:, :, None] * carry_decay)  # (B, nb, L)
+    carry_decay = _decay_matrix(block + 1, discount, 1, x.dtype, x.device)[0, 1:].flip(0)  # (L,): d^(L - j)
+    out = local.addcmul_(next_heads[:, :, None], carry_decay)  # (B, nb, L)
     return out.view(batch_size, n_blocks * block)[:, :n_steps]
 
 
@@ -163,22 +165,41 @@ def gae_fused(
     lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE with whole-tensor ops: the blocked scan when each row's valid tokens form one run (the
-    usual case), the log-depth scan otherwise. Same results as `gae_reference`."""
-    valid = mask != 0  # (B, T)
-    rewards = rewards.masked_fill(~valid, 0.0)
-    values = values.masked_fill(~valid, 0.0)  # 0 at pads: V_{t+1} m_{t+1} is just values[t+1]
-    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))  # (B, T); 0 after the end
-    deltas = (rewards + gamma * next_values - values).masked_fill_(~valid, 0.0)  # x_t = m_t delta_t
+    usual case), the log-depth scan otherwise. Same results as `gae_reference`.
 
-    n_runs = valid[:, :1].sum(1) + (valid[:, 1:] & ~valid[:, :-1]).sum(1)  # (B,) runs per row
-    if bool((n_runs <= 1).all()):
-        advantages = discounted_reverse_cumsum(deltas, gamma * lam).masked_fill_(~valid, 0.0)
+    CPU trap: ``torch.where``/``masked_fill`` with a bool mask run ~15x slower than a multiply by
+    a 0/1 float mask here, so padded positions are zeroed by multiplying. But ``0 * inf`` and
+    ``0 * nan`` are NaN: if anything non-finite shows up, redo that step with ``torch.where``.
+    """
+    if values.numel() == 0:  # B = 0 or T = 0
+        return torch.zeros_like(values), torch.zeros_like(values)
+    valid = mask if mask.dtype == torch.bool else mask != 0  # (B, T)
+    valid_float = valid.to(values.dtype)
+    clean_rewards = rewards * valid_float
+    clean_values = values * valid_float  # 0 at pads, so that m_{t+1} V_{t+1} is values[t + 1]
+    # x_t = m_t * delta_t = m_t * (r_t + gamma * V_{t+1} - V_t), with V_T = 0
+    deltas = clean_rewards - clean_values
+    deltas[:, :-1].add_(clean_values[:, 1:], alpha=gamma)
+    deltas.mul_(valid_float)
+    if not torch.isfinite(deltas.sum()):  # NaN/inf somewhere: keep only what valid positions hold
+        clean_rewards = torch.where(valid, rewards, 0.0)
+        clean_values = torch.where(valid, values, 0.0)
+        deltas = torch.where(valid, clean_rewards - clean_values, 0.0)
+        deltas[:, :-1] += torch.where(valid[:, :-1], gamma * clean_values[:, 1:], 0.0)
+
+    # number of runs of valid tokens in each row: the rises 0 -> 1, counting one at t = 0
+    rises = (valid_float[:, 1:] - valid_float[:, :-1]).clamp_(min=0)  # (B, T-1)
+    n_runs = rises.sum(dim=1) + valid_float[:, 0]  # (B,)
+    if n_runs.numel() == 0 or n_runs.max() <= 1:
+        # one run per row: x is 0 after it, so the plain discounted sum stops at its end;
+        # then zero the steps before it (left padding), which the sum also covered
+        advantages = discounted_reverse_cumsum(deltas, gamma * lam).mul_(valid_float)
     else:
         # a gap ends an episode: A_t gets nothing from after it, so the coefficient is per step
         next_valid = torch.nn.functional.pad(valid[:, 1:], (0, 1))
         coef = (gamma * lam) * (valid & next_valid).to(values.dtype)
         advantages = linear_recurrence_log_depth(deltas, coef)
-    returns = advantages + values  # both are 0 at padded positions already
+    returns = advantages + clean_values  # both are 0 at padded positions already
     return advantages, returns
 
 

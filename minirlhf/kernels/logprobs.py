@@ -204,7 +204,7 @@ class FusedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, inv_temperature, with_entropy, vocab_block, token_block):
         n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
         # z = (h / T) @ W.T: scaling the (N, d) hidden states once is cheaper than the (N, V) logits
-        scaled_hidden = hidden * inv_temperature  # (N, d)
+        scaled_hidden = hidden if inv_temperature == 1.0 else hidden * inv_temperature  # (N, d)
         lse = hidden.new_empty(n_tokens)
         entropy = hidden.new_empty(n_tokens if with_entropy else 0)
         for row_start in range(0, n_tokens, token_block):

@@ -1,0 +1,122 @@
+"""Talk to a checkpoint: type a prompt, read the model's answer.
+
+Reads  out/ppo.pt (or any base / SFT / PPO checkpoint), data/tokenizer.tiktoken
+Writes nothing.
+
+    python chat.py                                   # the latest policy in out/: ppo.pt, else sft.pt, else base.pt
+    python chat.py --checkpoint out/sft.pt           # prompt> loop; quit with "quit" or Ctrl-D
+    python chat.py --checkpoint out/base.pt --prompt "what does a cow eat?" --n-samples 4 --show-score
+    python chat.py --temperature 0 --prompt "what is 3 plus 4?"    # greedy
+
+The prompt is rendered exactly as in training (`render_chat`: [USER] prompt [ASSISTANT]) and the
+answer is sampled with the KV cache until end-of-text or --max-new-tokens. `--show-score` grades each
+answer with the gold labeler, part by part, so you can see what the rubric rewards. Try the same
+prompt on base.pt, sft.pt and ppo.pt: that is the whole story of RLHF in three answers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from minirlhf import labeler
+from minirlhf.checkpoint import load_checkpoint
+from minirlhf.cli import UserError, parse_config, resolve_device, run_main, seed_everything
+from minirlhf.model import GPT, GPTConfig
+from minirlhf.tokenizer import Tokenizer, render_chat
+from minirlhf.training import sample_responses
+
+
+@dataclass
+class ChatConfig:
+    checkpoint: str = field(default="", metadata={"help": "a base, SFT or PPO checkpoint (default: OUT_DIR/ppo.pt, "
+                                                          "else sft.pt, else base.pt)"})
+    out_dir: str = field(default="out", metadata={"help": "where to look for the default checkpoint"})
+    data_dir: str = field(default="data", metadata={"help": "where the tokenizer is"})
+    prompt: str = field(default="", metadata={"help": "answer this one prompt and exit (empty: a prompt> loop)"})
+    n_samples: int = field(default=1, metadata={"help": "answers per prompt", "min": 1, "max": 64})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0: greedy)", "min": 0.0})
+    top_k: Optional[int] = field(default=None, metadata={"help": "sample from the k most likely tokens only "
+                                                                 "(none: all)", "min": 1})
+    top_p: Optional[float] = field(default=None, metadata={"help": "nucleus sampling: the smallest set of tokens "
+                                                                   "with this much probability (none: all)",
+                                                           "min": 1e-6, "max": 1.0})
+    max_new_tokens: int = field(default=48, metadata={"help": "stop an answer after this many tokens", "min": 1})
+    show_score: bool = field(default=False, metadata={"help": "print the gold labeler's score of each answer"})
+    seed: int = field(default=1337, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+
+
+QUIT_WORDS = {"quit", "exit", ":q"}
+
+
+def default_checkpoint(out_dir: str) -> str:
+    """The most trained policy in out_dir: ppo.pt, else sft.pt, else base.pt."""
+    for stage in ("ppo", "sft", "base"):
+        path = os.path.join(out_dir, f"{stage}.pt")
+        if os.path.exists(path):
+            return path
+    raise UserError(f"no checkpoint in {out_dir} (expected ppo.pt, sft.pt or base.pt): train one first "
+                    "(python run_all.py), or pass --checkpoint")
+
+
+def reply(model, tokenizer, prompt: str, cfg, generator) -> None:
+    """Sample cfg.n_samples answers to one prompt and print them (with their gold score if asked)."""
+    block_size = model.config.block_size
+    prompt_len = len(render_chat(tokenizer, prompt))
+    if prompt_len + cfg.max_new_tokens > block_size:
+        raise UserError(f"the prompt is {prompt_len} tokens; with --max-new-tokens {cfg.max_new_tokens} that is more "
+                        f"than the model's {block_size}-token window: shorten it or lower --max-new-tokens")
+    texts, ended, _ = sample_responses(model, tokenizer, [prompt] * cfg.n_samples,
+                                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                       top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+    for i, (text, stopped) in enumerate(zip(texts, ended)):
+        prefix = f"[{i + 1}] " if cfg.n_samples > 1 else ""
+        suffix = "" if stopped else f"  [no end-of-text within {cfg.max_new_tokens} tokens]"
+        print(f"{prefix}{text.strip()}{suffix}")
+        if cfg.show_score:
+            score = labeler.score(prompt, text, stopped)
+            parts = ", ".join(f"{name} {value:.2f}" for name, value in score.parts.items())
+            print(f"    gold {score.total:.2f} / {labeler.MAX_SCORE:g}  ({parts})")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    cfg = parse_config(ChatConfig, {}, description=__doc__)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
+    path = cfg.checkpoint or default_checkpoint(cfg.out_dir)
+    ckpt = load_checkpoint(path, kind=("base", "sft", "ppo"), tokenizer_identity=tokenizer.identity)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+
+    if cfg.prompt:
+        reply(model, tokenizer, cfg.prompt, cfg, generator)
+        return
+    print(f"chatting with {path} ({ckpt['kind']}, step {ckpt['step']}); "
+          f"temperature {cfg.temperature:g}; type 'quit' or press Ctrl-D to leave")
+    while True:
+        try:
+            prompt = input("prompt> ").strip()
+        except EOFError:
+            print()
+            return
+        if prompt.lower() in QUIT_WORDS:
+            return
+        if not prompt:
+            continue
+        try:
+            reply(model, tokenizer, prompt, cfg, generator)
+        except UserError as error:  # a prompt too long: say so and keep the conversation going
+            print(f"error: {error}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,208 @@
+"""The whole pipeline, one command: data -> base -> SFT -> RM -> PPO -> evaluation.
+
+    python run_all.py                       # preset tiny: the CPU demo, ~10 minutes on 2 cores
+    python run_all.py --preset smoke --out-dir /tmp/out --data-dir /tmp/data     # seconds; for tests
+    python run_all.py --preset small --device cuda
+    python run_all.py --from-stage ppo      # keep data, base, SFT and RM; train PPO again, then evaluate
+
+Each stage is its own script, run here as a subprocess exactly as you would run it by hand (the
+scripts are the lessons; this file only calls them in order):
+
+    stage  script             writes
+    data   data/prepare.py    DATA_DIR/corpus.txt, sft.jsonl, *_prompts.jsonl, tokenizer.tiktoken
+    base   train_base.py      OUT_DIR/base.pt          pretraining
+    sft    train_sft.py       OUT_DIR/sft.pt           InstructGPT step 1
+    rm     train_rm.py        OUT_DIR/rm.pt            InstructGPT step 2
+    ppo    train_ppo.py       OUT_DIR/ppo.pt           InstructGPT step 3
+    eval   evaluate.py        OUT_DIR/eval.md, eval.json, eval.png, eval_bon.png
+
+--preset, --data-dir, --out-dir, --device and --seed are passed to every stage that takes them.
+A stage whose output already exists is skipped (so an interrupted run continues where it stopped),
+unless --force or --from-stage says otherwise; once a stage runs, every later stage runs too,
+because its input has changed. The first stage that fails stops the pipeline, and its error is
+repeated at the end. Every stage's full output is also kept in OUT_DIR/logs/<stage>.log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from evaluate import print_summary  # the table evaluate.py prints, printed again at the end
+from minirlhf.checkpoint import load_checkpoint
+from minirlhf.cli import UserError, format_duration, parse_config, print_config, run_main
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    script: str               # relative to the repository root
+    outputs: tuple[str, ...]  # files that say the stage is done: in DATA_DIR for "data", else OUT_DIR
+    plots: tuple[str, ...]    # its figures, in OUT_DIR
+    common_flags: tuple[str, ...] = ("preset", "data_dir", "out_dir", "device", "seed")
+
+
+STAGES = (
+    Stage("data", "data/prepare.py", ("corpus.txt", "sft.jsonl", "rm_prompts.jsonl", "ppo_prompts.jsonl",
+                                      "eval_prompts.jsonl", "tokenizer.tiktoken", "manifest.json"), (),
+          common_flags=("preset", "data_dir")),
+    Stage("base", "train_base.py", ("base.pt",), ("base_curves.png",)),
+    Stage("sft", "train_sft.py", ("sft.pt",), ("sft_curves.png",)),
+    Stage("rm", "train_rm.py", ("rm.pt",), ("rm_curves.png", "rm_scatter.png")),
+    Stage("ppo", "train_ppo.py", ("ppo.pt",), ("ppo_curves.png", "ppo_overopt.png")),
+    Stage("eval", "evaluate.py", ("eval.json", "eval.md"), ("eval.png", "eval_bon.png")),
+)
+STAGE_NAMES = [stage.name for stage in STAGES]
+
+# The numbers each stage's table row shows: (metric in the checkpoint's summary, label), those present.
+HEADLINES = {
+    "base": [("loss/val", "held-out loss")],
+    "sft": [("loss/val", "held-out loss"), ("gold/sample", "gold")],
+    "rm": [("accuracy/val", "held-out pair accuracy"), ("gold/spearman", "Spearman with gold")],
+    "ppo": [("eval/gold", "held-out gold"), ("eval/kl", "KL"), ("eval/gold_gain_sd", "gain in SFT sd")],
+}
+
+
+@dataclass
+class RunAllConfig:
+    preset: str = field(default="tiny", metadata={"help": "size preset passed to every stage: smoke (tests), "
+                                                          "tiny (CPU), small (GPU)"})
+    data_dir: str = field(default="data", metadata={"help": "where the data files go"})
+    out_dir: str = field(default="out", metadata={"help": "where the checkpoints, logs and plots go"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    seed: Optional[int] = field(default=None, metadata={"help": "random seed for every training stage "
+                                                                "(none: each stage's default)"})
+    force: bool = field(default=False, metadata={"help": "run every stage, even those whose output exists"})
+    from_stage: str = field(default="", metadata={"help": "run this stage and the later ones even if their output "
+                                                          "exists", "choices": ["", *STAGE_NAMES]})
+    until: str = field(default="eval", metadata={"help": "stop after this stage", "choices": STAGE_NAMES})
+    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+
+
+PRESETS = {"smoke": {}, "tiny": {}, "small": {}}  # the preset is passed on: each stage has its own
+
+
+def stage_command(stage: Stage, cfg) -> list[str]:
+    """`python <script> --preset P --data-dir D ...`: the command a student would type."""
+    command = [sys.executable, os.path.join(ROOT, stage.script)]
+    for name in stage.common_flags:
+        value = getattr(cfg, name)
+        if value is not None:
+            command += ["--" + name.replace("_", "-"), str(value)]
+    return command
+
+
+def output_paths(stage: Stage, cfg) -> list[str]:
+    folder = cfg.data_dir if stage.name == "data" else cfg.out_dir
+    return [os.path.join(folder, name) for name in stage.outputs]
+
+
+def run_stage(stage: Stage, cfg) -> None:
+    """Run one stage's script, relaying its output line by line and keeping it in OUT_DIR/logs/.
+
+    A non-zero exit raises `UserError` with the stage's last line (its `error: ...` line, or the last
+    line of a traceback): the pipeline stops there, and the message is not lost under pages of logs.
+    """
+    script = os.path.join(ROOT, stage.script)
+    if not os.path.exists(script):
+        raise UserError(f"stage {stage.name}: {script} not found")
+    command = stage_command(stage, cfg)
+    print(f"\n=== {stage.name}: {' '.join(['python', stage.script, *command[2:]])}", flush=True)
+    log_path = os.path.join(cfg.out_dir, "logs", f"{stage.name}.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    last_line = ""
+    # PYTHONUNBUFFERED: the child's prints reach us (and the screen) as they happen, not in 8 kB chunks
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "w", encoding="utf-8") as log, \
+            subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace") as process:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            log.write(line)
+            last_line = line.strip() or last_line
+    if process.returncode != 0:
+        raise UserError(f"stage {stage.name} failed (exit status {process.returncode}): {last_line} "
+                        f"[full output: {log_path}]")
+    missing = [path for path in output_paths(stage, cfg) if not os.path.exists(path)]
+    if missing:
+        raise UserError(f"stage {stage.name} finished but did not write {', '.join(missing)} [output: {log_path}]")
+
+
+def headline(stage: Stage, cfg) -> str:
+    """A few numbers that say how the stage went, read from what it wrote ("?" if it can't be read:
+    a skipped stage's damaged output is for the next stage to report, with its own message)."""
+    try:
+        return read_headline(stage, cfg)
+    except (UserError, OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
+def read_headline(stage: Stage, cfg) -> str:
+    if stage.name == "data":
+        with open(os.path.join(cfg.data_dir, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+        return (f"{manifest.get('corpus_tokens', 0):,} corpus tokens, {manifest.get('sft_examples', '?')} "
+                f"demonstrations, vocab {manifest.get('vocab_size', '?')}")
+    if stage.name == "eval":
+        with open(os.path.join(cfg.out_dir, "eval.json"), encoding="utf-8") as f:
+            report = json.load(f)
+        parts = ["gold " + ", ".join(f"{name} {s['gold/sample']:.2f}" for name, s in report["models"].items())]
+        parts += [f"{w['model']} vs {w['baseline']} win rate {w['win_rate']:.2f}" for w in report["win_rates"][:2]]
+        return "; ".join(parts)
+    metrics = load_checkpoint(output_paths(stage, cfg)[0])["metrics"]
+    shown = [f"{label} {metrics[key]:.3f}" for key, label in HEADLINES.get(stage.name, []) if key in metrics]
+    return ", ".join(shown) or "-"
+
+
+def print_table(rows: list[tuple[str, str, str, str]], total_seconds: float) -> None:
+    header = ("stage", "run", "time", "headline")
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(3)]
+    print("\n" + "  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  " + header[3])
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    print(f"total {format_duration(total_seconds)}")
+
+
+def main() -> None:
+    cfg = parse_config(RunAllConfig, PRESETS, description=__doc__)
+    print_config(cfg, "run_all")
+    start = time.time()
+    last = STAGE_NAMES.index(cfg.until)
+    first_forced = STAGE_NAMES.index(cfg.from_stage) if cfg.from_stage else len(STAGES)
+    rows, plots = [], []
+    upstream_ran = False  # once a stage runs, the later ones must too: their inputs changed
+    for index, stage in enumerate(STAGES[:last + 1]):
+        done = all(os.path.exists(path) for path in output_paths(stage, cfg))
+        if cfg.force or index >= first_forced or upstream_ran or not done:
+            t0 = time.time()
+            run_stage(stage, cfg)
+            upstream_ran = True
+            status, seconds = "ran", format_duration(time.time() - t0)
+        else:
+            print(f"=== {stage.name}: skipped, {', '.join(output_paths(stage, cfg))} exist (--force to re-run)")
+            status, seconds = "skipped", "-"
+        rows.append((stage.name, status, seconds, headline(stage, cfg)))
+        plots += [path for path in (os.path.join(cfg.out_dir, p) for p in stage.plots) if os.path.exists(path)]
+
+    print_table(rows, time.time() - start)
+    if plots:
+        print("plots: " + ", ".join(plots))
+    eval_json = os.path.join(cfg.out_dir, "eval.json")
+    if last == STAGE_NAMES.index("eval") and os.path.exists(eval_json):
+        with open(eval_json, encoding="utf-8") as f:
+            report = json.load(f)
+        print(f"\nevaluation on {report['prompts']} held-out prompts (details: "
+              f"{os.path.join(cfg.out_dir, 'eval.md')}):")
+        print_summary(report["models"], report["win_rates"])
+
+
+if __name__ == "__main__":
+    run_main(main)

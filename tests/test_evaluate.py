@@ -1,0 +1,306 @@
+"""Tests for evaluate.py: the statistics against plain references, then the script end to end.
+
+The statistics are the lesson: a win rate with ties counted half, best-of-n's KL in closed form,
+the unbiased best-of-n estimator (checked against enumerating every n-subset), Gao et al.'s
+least-squares fits (they must recover known parameters exactly), and the per-response KL to SFT
+(checked against a plain forward pass on each unpadded row). The script runs on untrained toy
+checkpoints built in seconds: the numbers are meaningless there, the plumbing is not.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from minirlhf import world
+from minirlhf.checkpoint import save_checkpoint
+from minirlhf.cli import run_main
+from minirlhf.generate import generate
+from minirlhf.metrics import MetricsLogger
+from minirlhf.model import GPT, GPTConfig, RewardModel
+from minirlhf.tokenizer import Tokenizer, render_chat, save_ranks, train_bpe
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# win rates
+
+
+def test_win_rate_hand_worked():
+    # pairs: 3>1 win, 2=2 tie, 1<3 loss, 5>4 win -> (2 + 0.5) / 4; excluding the tie: 2 of 3
+    result = evaluate.win_rate([3, 2, 1, 5], [1, 2, 3, 4])
+    assert result["win_rate"] == pytest.approx(0.625), f"win rate: expected 0.625, got {result['win_rate']}"
+    assert result["tie_rate"] == pytest.approx(0.25), f"tie rate: expected 0.25, got {result['tie_rate']}"
+    assert result["win_rate_excl_ties"] == pytest.approx(2 / 3), "win rate excluding ties: expected 2/3"
+    assert result["pairs"] == 4
+
+
+def test_win_rate_pairs_answer_j_with_answer_j_and_counts_float_ties():
+    # (S=2, N=2) arrays are paired elementwise, not all against all; 0.1 + 0.2 vs 0.3 is a tie
+    a = np.array([[0.1 + 0.2, 1.0], [2.0, 0.0]])
+    b = np.array([[0.3, 0.0], [1.0, 5.0]])
+    result = evaluate.win_rate(a, b)
+    assert result["tie_rate"] == pytest.approx(0.25), "0.1 + 0.2 vs 0.3 must count as a tie"
+    assert result["win_rate"] == pytest.approx((2 + 0.5) / 4)
+    all_ties = evaluate.win_rate([1.0, 2.0], [1.0, 2.0])
+    assert all_ties["win_rate"] == 0.5 and math.isnan(all_ties["win_rate_excl_ties"])
+    with pytest.raises(ValueError):
+        evaluate.win_rate([1.0, 2.0], [1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# best-of-n
+
+
+def test_best_of_n_kl_closed_form():
+    assert evaluate.best_of_n_kl(1) == 0.0, "best-of-1 is the policy itself: KL 0"
+    assert evaluate.best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert evaluate.best_of_n_kl(32) == pytest.approx(math.log(32) - 31 / 32)
+
+
+def test_best_of_n_expected_hand_worked():
+    rm, gold = [0.1, 0.9, 0.5], [1.0, 2.0, 3.0]
+    # n = 1: the mean, 2. n = 2: subsets {0,1} -> sample 1 (gold 2), {0,2} -> sample 2 (gold 3),
+    # {1,2} -> sample 1 (gold 2): 7/3. n = 3: the RM's favourite, sample 1: gold 2.
+    for n, expected in ((1, 2.0), (2, 7 / 3), (3, 2.0)):
+        got = evaluate.best_of_n_expected(rm, gold, n)
+        assert got == pytest.approx(expected), f"best-of-{n}: expected {expected}, got {got}"
+    with pytest.raises(ValueError):
+        evaluate.best_of_n_expected(rm, gold, 4)
+
+
+def test_best_of_n_expected_matches_enumerating_every_subset():
+    rng = random.Random(0)
+    N = 7
+    rm = [rng.gauss(0, 1) for _ in range(N)]
+    gold = [rng.uniform(0, 8) for _ in range(N)]
+    for n in range(1, N + 1):
+        picks = [gold[max(subset, key=lambda i: rm[i])] for subset in itertools.combinations(range(N), n)]
+        expected = sum(picks) / len(picks)
+        got = evaluate.best_of_n_expected(rm, gold, n)
+        assert got == pytest.approx(expected, abs=1e-12), f"best-of-{n} of {N}: expected {expected}, got {got}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Gao et al.'s fits
+
+
+def test_fit_gao_recovers_known_parameters():
+    d = np.array([0.0, 0.4, 0.9, 1.3, 2.0, 2.6])
+    bon = d * (0.8 - 0.3 * d)
+    fit = evaluate.fit_gao(d, bon, "bon")
+    assert fit["alpha"] == pytest.approx(0.8) and fit["beta"] == pytest.approx(0.3), f"best-of-n fit: {fit}"
+    assert fit["r2"] == pytest.approx(1.0)
+    log_d = np.array([0.0] + [math.log(x) for x in d[1:]])  # d log d -> 0 at d = 0
+    rl = d * (1.1 - 0.5 * log_d)
+    fit = evaluate.fit_gao(d, rl, "rl")
+    assert fit["alpha"] == pytest.approx(1.1) and fit["beta"] == pytest.approx(0.5), f"RL fit: {fit}"
+    assert np.allclose(evaluate.gao_curve(fit, d, "rl"), rl), "gao_curve must give back the fitted values"
+
+
+def test_fit_gao_r2_against_plain_formula_and_too_few_points():
+    d = [0.0, 1.0, 2.0, 3.0]
+    gain = [0.0, 1.0, 1.0, 0.5]
+    fit = evaluate.fit_gao(d, gain, "bon")
+    predicted = [x * (fit["alpha"] - fit["beta"] * x) for x in d]
+    mean = sum(gain) / len(gain)
+    r2 = 1 - sum((g - p) ** 2 for g, p in zip(gain, predicted)) / sum((g - mean) ** 2 for g in gain)
+    assert fit["r2"] == pytest.approx(r2), f"R^2: expected {r2}, got {fit['r2']}"
+    assert 0 < fit["r2"] < 1
+    assert evaluate.fit_gao([0.0, 1.0], [0.0, 1.0], "rl") is None, "two points cannot judge a two-parameter fit"
+    with pytest.raises(ValueError):
+        evaluate.fit_gao(d, gain, "ppo")
+
+
+def test_ppo_trajectory_prefers_held_out_keys_then_falls_back(tmp_path):
+    path = tmp_path / "ppo_metrics.jsonl"
+    assert evaluate.ppo_trajectory(str(path)) is None, "no metrics file: no trajectory"
+    with MetricsLogger(path) as log:
+        log.log(1, **{"objective/kl": 0.5, "objective/gold": 3.0, "objective/scores": 0.2})
+        log.log(2, **{"objective/kl": 1.5, "objective/gold": 3.5, "objective/scores": 0.6})
+    trajectory = evaluate.ppo_trajectory(str(path))
+    assert trajectory["source"].startswith("objective") and trajectory["kl"] == [0.5, 1.5]
+    assert trajectory["rm"] == [0.2, 0.6]
+    with MetricsLogger(path, append=True) as log:
+        log.log(2, **{"eval/kl": 1.2, "eval/gold": 3.4, "eval/rm": 0.5})
+    trajectory = evaluate.ppo_trajectory(str(path))
+    assert trajectory["source"].startswith("eval") and trajectory["gold"] == [3.4] and trajectory["step"] == [2]
+
+
+def test_side_by_side_prompts_take_the_families_in_turn():
+    prompts = ["what does a cow eat?", "what does a dog eat?", "what is 3 plus 4?", "praise the dog.",
+               "what is 5 minus 1?"]
+    chosen = evaluate.side_by_side_prompts(prompts, 3)
+    assert chosen == [0, 2, 3], f"one prompt per family first, got {chosen}"
+    assert sorted(evaluate.side_by_side_prompts(prompts, 10)) == list(range(5))
+
+
+# ---------------------------------------------------------------------------------------------
+# KL to SFT
+
+
+def toy_tokenizer(folder) -> Tokenizer:
+    rng = random.Random(0)
+    tasks = world.all_tasks()
+    text = " ".join(t.prompt + " " + world.good_response(t, rng) for t in rng.sample(tasks, 300))
+    save_ranks(train_bpe(text, 300), os.path.join(folder, "tokenizer.tiktoken"))
+    return Tokenizer.from_file(os.path.join(folder, "tokenizer.tiktoken"))
+
+
+def toy_gpt(tokenizer, seed) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=96, n_layer=1, n_head=2, d_model=32)).eval()
+
+
+def test_sequence_kl_matches_a_plain_forward_per_row(tmp_path):
+    tokenizer = toy_tokenizer(tmp_path)
+    policy, reference = toy_gpt(tokenizer, 1), toy_gpt(tokenizer, 2)
+    prompts = [render_chat(tokenizer, p) for p in ("what does a cow eat?", "praise the dog.", "what is 3 plus 4?")]
+    temperature = 0.7
+    generation = generate(policy, prompts, max_new_tokens=12, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                          temperature=temperature, generator=torch.Generator().manual_seed(0))
+    got = evaluate.sequence_kl(policy, reference, generation, temperature)
+
+    for row, prompt in enumerate(prompts):
+        response = [t for t, keep in zip(generation.response_ids[row].tolist(), generation.response_mask[row].tolist())
+                    if keep]
+        ids = torch.tensor([prompt + response])  # the row alone: no padding, no mask
+        expected = 0.0
+        with torch.no_grad():
+            logits_policy = policy(ids).logits[0] / temperature
+            logits_reference = reference(ids).logits[0] / temperature
+        for t, token in enumerate(response):
+            position = len(prompt) - 1 + t  # the logits that predict response token t
+            expected += (torch.log_softmax(logits_policy[position], -1)[token]
+                         - torch.log_softmax(logits_reference[position], -1)[token]).item()
+        assert got[row].item() == pytest.approx(expected, abs=1e-4), f"row {row}: KL {got[row].item()} != {expected}"
+    assert torch.equal(evaluate.sequence_kl(policy, policy, generation, temperature), torch.zeros(3)), \
+        "a model's KL to itself must be exactly 0"
+
+
+# ---------------------------------------------------------------------------------------------
+# the script
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """data/ (tokenizer, 8 eval prompts) and out/ with untrained base, sft, ppo and rm checkpoints."""
+    root = tmp_path_factory.mktemp("eval_run")
+    data, out = root / "data", root / "out"
+    data.mkdir()
+    out.mkdir()
+    tokenizer = toy_tokenizer(data)
+    tasks = world.all_tasks()
+    prompts = [t.prompt for family in world.FAMILIES for t in [t for t in tasks if t.family == family][:2]]
+    with open(data / "eval_prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    config = toy_gpt(tokenizer, 0).config
+    common = dict(model_config=config, tokenizer_identity=tokenizer.identity, train_config={}, step=0, metrics={})
+    for seed, kind in enumerate(("base", "sft", "ppo")):
+        save_checkpoint(out / f"{kind}.pt", kind=kind, model_state=toy_gpt(tokenizer, seed).state_dict(), **common)
+    torch.manual_seed(3)
+    save_checkpoint(out / "rm.pt", kind="rm", model_state=RewardModel(config).state_dict(), reward_bias=0.0,
+                    reward_gain=1.0, **common)
+    with MetricsLogger(out / "ppo_metrics.jsonl") as log:
+        for step, kl in enumerate([0.0, 0.5, 1.5, 3.0]):
+            log.log(step, **{"eval/kl": kl, "eval/gold": 3.0 + 0.4 * kl ** 0.5, "eval/rm": 0.3 * kl})
+    return {"data": str(data), "out": str(out), "prompts": prompts}
+
+
+def run_evaluate(monkeypatch, capsys, *args):
+    """evaluate.py the way the command line runs it (run_main), in this interpreter."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *args])
+    code = 0
+    try:
+        run_main(evaluate.main)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_smoke_preset_end_to_end(toy_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("base.pt", "sft.pt", "ppo.pt", "rm.pt", "ppo_metrics.jsonl"):
+        os.link(os.path.join(toy_run["out"], name), out / name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "evaluate.py", "--preset", "smoke", "--data-dir", toy_run["data"],
+                             "--out-dir", str(out), "--device", "cpu"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"evaluate.py --preset smoke failed:\n{result.stdout[-2000:]}\n{result.stderr}"
+    for name in ("eval.json", "eval.md", "eval.png", "eval_bon.png"):
+        assert (out / name).stat().st_size > 0, f"{name} was not written"
+
+    report = json.loads((out / "eval.json").read_text())
+    assert list(report["models"]) == ["base", "sft", "ppo"]
+    for name, summary in report["models"].items():
+        for key in ("gold/sample", "gold/greedy", "gold/sample/correct", "gold/sample/well_formed", "rm/sample",
+                    "eos_rate/sample", "length/sample", "kl_to_sft"):
+            assert summary[key] is not None, f"{name}: {key} missing"
+        assert summary["samples"] == 8 * 2, "smoke: 8 prompts x 2 samples"
+    assert report["models"]["sft"]["kl_to_sft"] == 0.0, "SFT's KL to itself must be exactly 0"
+    pairs = [(w["model"], w["baseline"]) for w in report["win_rates"]]
+    assert pairs == [("sft", "base"), ("ppo", "sft"), ("ppo", "base")], f"win-rate pairs: {pairs}"
+    bon = report["best_of_n"]
+    assert bon["n"] == [1, 2, 4, 8] and bon["samples_per_prompt"] == 8 and bon["prompts"] == 6
+    assert bon["kl"][0] == 0.0 and bon["rm"] == sorted(bon["rm"]), "the RM score of the pick rises with n"
+    assert report["ppo_trajectory"]["kl"] == [0.0, 0.5, 1.5, 3.0]
+    assert report["fits"]["rl"]["baseline"] == 3.0, "PPO's gain is measured from its own KL = 0 point"
+    assert report["ppo_on_bon_prompts"]["model"] == "ppo"
+
+    text = (out / "eval.md").read_text()
+    for heading in ("## Scores", "## Win rates", "## Best-of-n", "## The same prompts, side by side"):
+        assert heading in text, f"eval.md lacks {heading!r}"
+    assert "first 6 of the 8 prompts" in text, "a subset for best-of-n must be said"
+    assert "win rate ppo vs sft" in result.stdout
+
+
+def test_missing_default_checkpoints_are_named_and_skipped(toy_run, tmp_path, monkeypatch, capsys):
+    os.link(os.path.join(toy_run["out"], "sft.pt"), tmp_path / "sft.pt")
+    code, out, err = run_evaluate(monkeypatch, capsys, "--preset", "smoke", "--data-dir", toy_run["data"],
+                                  "--out-dir", str(tmp_path), "--max-prompts", "3", "--samples", "1")
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert list(report["models"]) == ["sft"] and report["win_rates"] == [] and report["best_of_n"] is None
+    for missing in ("base.pt not found", "ppo.pt not found", "rm.pt not found"):
+        assert any(missing in note for note in report["notes"]), f"no note says {missing!r}: {report['notes']}"
+        assert missing in out
+
+
+def test_bad_inputs_are_one_clear_line(toy_run, tmp_path, monkeypatch, capsys):
+    common = ["--preset", "smoke", "--data-dir", toy_run["data"]]
+    rm_path = os.path.join(toy_run["out"], "rm.pt")
+    code, _, err = run_evaluate(monkeypatch, capsys, *common, "--out-dir", str(tmp_path), "--checkpoints", rm_path)
+    assert code == 2 and "is a 'rm' checkpoint" in err and len(err.strip().splitlines()) == 1, err
+
+    code, _, err = run_evaluate(monkeypatch, capsys, *common, "--out-dir", str(tmp_path))
+    assert code == 2 and "no checkpoints in" in err, err
+
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "what does a cow eat?"}\n{"prompt": \n')
+    code, _, err = run_evaluate(monkeypatch, capsys, *common, "--out-dir", toy_run["out"], "--prompts", str(bad))
+    assert code == 2 and f"{bad}:2" in err, f"the error must name the file and line: {err}"
+
+    code, _, err = run_evaluate(monkeypatch, capsys, *common, "--samples", "0")
+    assert code == 2 and "--samples" in err, err
+    assert not (tmp_path / "eval.json").exists(), "a failed run writes nothing"

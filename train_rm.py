@@ -1,0 +1,307 @@
+"""Step 2: the reward model. Sample K responses per prompt from the SFT model, have a labeler rank
+them, and train a scalar-headed GPT to score responses the way the labeler ranks them.
+
+Reads  out/sft.pt, data/rm_prompts.jsonl ({"prompt"}), data/tokenizer.tiktoken
+       (or --comparisons FILE: ranked {"prompt", "responses", "ranking"} or {"prompt", "chosen", "rejected"})
+Writes out/rm.pt, out/rm_comparisons.jsonl (what it trained on), out/rm_metrics.jsonl,
+       out/rm_curves.png (loss and accuracy), out/rm_scatter.png (RM score vs gold score, held out)
+
+InstructGPT section 3.5 ("Reward modeling"): the RM is the SFT model with its LM head replaced by a
+scalar head, read at the last token. Labelers rank K responses to a prompt; all C(K, 2) pairs of
+one prompt form ONE batch element (eq. 1: the mean of -log sigmoid(r_better - r_worse) over the
+pairs), and one epoch is enough (more overfits: the K responses of a prompt are correlated).
+The RM only learns score DIFFERENCES, so afterwards a bias and gain are fitted that give the SFT
+policy's samples mean 0 and std 1; `minirlhf/reward.py` applies them wherever the RM is used.
+
+`--rm-objective classifier` trains the other formulation instead: a good/bad classifier (best
+response of each ranking -> 1, worst -> 0; cross-entropy) whose logit margin log p(good) - log p(bad)
+is the reward. Both are measured on the same held-out comparisons.
+
+Labelers: `--labeler gold` (default) ranks with the rubric of minirlhf/labeler.py (`--label-noise`
+makes it disagree with itself like real labelers); `--labeler human` shows you the K responses and
+reads your ranking (answers saved as you go in out/rm_human_labels.jsonl; re-run to resume).
+
+CPU:  python train_rm.py                    (preset tiny, ~2 minutes on 2 cores, sampling included)
+      python train_rm.py --preset smoke
+      python train_rm.py --labeler human --num-comparisons 20
+      python train_rm.py --rm-objective classifier --comparisons out/rm_comparisons.jsonl --out-dir out_cls
+GPU:  python train_rm.py --preset small --device cuda
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from minirlhf import labeling, world
+from minirlhf.checkpoint import load_checkpoint, save_checkpoint
+from minirlhf.cli import Progress, UserError, parse_config, print_config, resolve_device, run_main, seed_everything
+from minirlhf.data import read_prompts
+from minirlhf.metrics import MetricsLogger, read_metrics
+from minirlhf.model import GPT, GPTConfig, RewardModel
+from minirlhf.plots import plot_curves, plot_scatter
+from minirlhf.reward import (RewardScorer, comparison_loss, encode_ranked, fit_normalisation, gold_agreement,
+                             pairwise_accuracy)
+from minirlhf.tokenizer import Tokenizer
+from minirlhf.training import check_finite, cosine_lr, sample_responses
+
+
+@dataclass
+class RMConfig:
+    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), small (GPU)"})
+    data_dir: str = field(default="data", metadata={"help": "where rm_prompts.jsonl and the tokenizer are"})
+    out_dir: str = field(default="out", metadata={"help": "where rm.pt, the comparisons and the logs go"})
+    init: str = field(default="", metadata={"help": "SFT checkpoint: the sampler and the RM's trunk (default: OUT_DIR/sft.pt)"})
+    prompts: str = field(default="", metadata={"help": "prompts to sample and rank (default: DATA_DIR/rm_prompts.jsonl)"})
+    comparisons: str = field(default="", metadata={"help": "train on this comparisons JSONL instead of sampling and ranking"})
+    labeler: str = field(default="gold", metadata={"help": "who ranks the samples: the gold rubric or you, in the terminal",
+                                                   "choices": ["gold", "human"]})
+    label_noise: float = field(default=0.0, metadata={"help": "gold labeler noise (Plackett-Luce temperature; 0: exact)",
+                                                      "min": 0.0})
+    num_comparisons: int = field(default=800, metadata={"help": "prompts to rank (drawn from the prompt file, each used "
+                                                                "about equally often), held-out ones included", "min": 2})
+    responses_per_prompt: int = field(default=4, metadata={"help": "K: responses ranked together (InstructGPT: 4 to 9)",
+                                                           "min": 2})
+    degenerate_fraction: float = field(default=0.25, metadata={"help": "share of prompts that get one extra degenerate "
+                                                                       "response to rank (empty, cut, repeated, rambling)",
+                                                               "min": 0.0, "max": 1.0})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the SFT policy", "min": 0.0})
+    max_new_tokens: int = field(default=48, metadata={"help": "response budget when sampling", "min": 1})
+    sample_batch_size: int = field(default=128, metadata={"help": "sequences sampled at once", "min": 1})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of prompts (per family) whose comparisons are held out",
+                                                       "min": 0.0, "max": 0.5})
+    rm_objective: str = field(default="ranking", metadata={"help": "ranking: InstructGPT's K-wise loss; classifier: "
+                                                                   "best -> good, worst -> bad, cross-entropy",
+                                                           "choices": ["ranking", "classifier"]})
+    epochs: int = field(default=1, metadata={"help": "passes over the comparisons (InstructGPT: 1; more overfits)", "min": 1})
+    batch_size: int = field(default=16, metadata={"help": "comparisons (prompts) per step", "min": 1})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)", "min": 0.0})
+    min_lr: float = field(default=1e-5, metadata={"help": "learning rate at the end of the cosine decay", "min": 0.0})
+    warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps", "min": 0})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on 2-D weights", "min": 0.0})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
+    eval_every: int = field(default=10, metadata={"help": "held-out loss and accuracy every N steps", "min": 1})
+    norm_samples: int = field(default=256, metadata={"help": "SFT samples that fit the normalisation when training "
+                                                             "on a --comparisons file", "min": 2})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    seed: int = field(default=1337, metadata={"help": "random seed"})
+    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+
+
+PRESETS = {
+    "smoke": dict(num_comparisons=24, max_new_tokens=16, batch_size=4, eval_every=2, val_fraction=0.2, norm_samples=8),
+    "tiny": {},
+    "small": dict(num_comparisons=4000, responses_per_prompt=6, batch_size=32, lr=3e-5, min_lr=3e-6),
+}
+
+
+@torch.no_grad()
+def evaluate(model, encoded, objective, pad_id, batch_size) -> tuple[float, float]:
+    """Held-out (loss, pairwise accuracy against the labeler's rankings)."""
+    model.eval()
+    total_loss, rows = 0.0, []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        loss, rewards = comparison_loss(model, chunk, objective, pad_id)
+        total_loss += loss.item() * len(chunk)
+        rows += list(rewards.cpu())
+    model.train()
+    return total_loss / len(encoded), pairwise_accuracy(pad_sequence(rows, batch_first=True, padding_value=math.nan))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def collect_comparisons(cfg, policy, tokenizer, device):
+    """Sample and rank the comparisons, or read them from --comparisons. Returns (comparisons,
+    held-out prompts, candidates) - the candidates are the SFT samples, which fit the normalisation
+    (none when the comparisons come from a file) - or None if a person quit labelling."""
+    rng = random.Random(cfg.seed)
+    if cfg.comparisons:
+        comparisons = labeling.read_ranked_comparisons(cfg.comparisons)
+        print(f"read {len(comparisons)} comparisons from {cfg.comparisons}")
+        _, val_prompts = labeling.split_prompts([c.prompt for c in comparisons], cfg.val_fraction, rng)
+        return comparisons, set(val_prompts), []
+
+    prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "rm_prompts.jsonl"))
+    train_prompts, val_prompts = labeling.split_prompts(prompts, cfg.val_fraction, rng)
+    n_val = round(cfg.num_comparisons * cfg.val_fraction) if val_prompts else 0
+    drawn = (labeling.cycle_prompts(train_prompts, cfg.num_comparisons - n_val, rng)
+             + labeling.cycle_prompts(val_prompts, n_val, rng))
+    k = cfg.responses_per_prompt
+    print(f"sampling {k} responses for each of {len(drawn)} prompts from the SFT policy "
+          f"({len(train_prompts)} distinct train prompts, {len(val_prompts)} held out)")
+    progress = Progress(len(drawn), desc="sampling")
+    candidates = labeling.sample_candidates(policy, tokenizer, drawn, k=k, max_new_tokens=cfg.max_new_tokens,
+                                            temperature=cfg.temperature, batch_size=cfg.sample_batch_size,
+                                            generator=torch.Generator(device).manual_seed(cfg.seed),
+                                            progress=lambda done, total: progress.log(done))
+    print(f"{sum(not e for c in candidates for e in c.ended)} of {len(candidates) * k} responses did not stop "
+          f"within {cfg.max_new_tokens} tokens")
+    candidates = labeling.add_degenerate(candidates, cfg.degenerate_fraction, random.Random(cfg.seed + 2))
+    if cfg.labeler == "human":
+        comparisons = labeling.label_by_human(candidates, os.path.join(cfg.out_dir, "rm_human_labels.jsonl"))
+    else:
+        comparisons = labeling.rank_with_gold(candidates, cfg.label_noise, random.Random(cfg.seed + 1))
+    return None if comparisons is None else (comparisons, set(val_prompts), candidates)
+
+
+def encode_all(tokenizer, comparisons, block_size, source) -> list[list[list[int]]]:
+    """Every comparison as best-first token lists; text that holds a special-token string is a
+    clear error naming the comparison (it would smuggle an EOS or a role marker into the input)."""
+    encoded = []
+    for number, comparison in enumerate(comparisons, start=1):
+        try:
+            encoded.append(encode_ranked(tokenizer, comparison, block_size))
+        except ValueError as error:
+            raise UserError(f"{source}:{number}: {error}") from None
+    cut = sum(len(tokens) == block_size for responses in encoded for tokens in responses)
+    if cut:
+        print(f"note: {cut} prompt + response sequences reach the block size ({block_size} tokens) and are cut")
+    return encoded
+
+
+def main() -> None:
+    cfg = parse_config(RMConfig, PRESETS, description=__doc__.split("\n\n")[0])
+    print_config(cfg, "train_rm")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    if cfg.comparisons and cfg.labeler == "human":
+        raise UserError("--labeler human ranks fresh samples; it cannot be combined with --comparisons FILE")
+
+    tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
+    init_path = cfg.init or os.path.join(cfg.out_dir, "sft.pt")
+    sft = load_checkpoint(init_path, kind="sft", tokenizer_identity=tokenizer.identity)
+    config = GPTConfig(**{**sft["model_config"], "dropout": 0.0})   # dropout off: one score per input
+    policy = GPT(config)
+    policy.load_state_dict(sft["model"])
+    policy.to(device).eval()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # ---- 1. comparisons: sampled from the SFT policy and ranked, or read from a file
+    start = time.time()
+    collected = collect_comparisons(cfg, policy, tokenizer, device)
+    if collected is None:
+        return   # a person quit labelling; the answers so far are saved, the next run resumes
+    comparisons, val_prompts, candidates = collected
+    encoded = encode_all(tokenizer, comparisons, config.block_size, cfg.comparisons or "comparisons")
+    comparisons_path = os.path.join(cfg.out_dir, "rm_comparisons.jsonl")
+    labeling.write_comparisons(comparisons_path, comparisons)
+    minutes_collect = (time.time() - start) / 60
+    held_out = [c.prompt in val_prompts for c in comparisons]
+    train_encoded = [e for e, h in zip(encoded, held_out) if not h]
+    val_encoded = [e for e, h in zip(encoded, held_out) if h]
+    val_set = [c for c, h in zip(comparisons, held_out) if h]
+    if not train_encoded:
+        raise UserError("no comparisons left for training (lower --val-fraction, or give more prompts)")
+
+    # how noisy the labels are: the agreement two labelers with this noise would reach (for a
+    # file or a person, noise 0 describes the gold labeler, not them)
+    gold_groups = [labeling.gold_totals(labeling.Candidates(c.prompt, c.responses, c.ended)) for c in comparisons]
+    labels = {"labeler/agreement": labeling.expected_agreement(gold_groups, cfg.label_noise),
+              "labeler/accuracy_bound": labeling.accuracy_bound(gold_groups, cfg.label_noise),
+              "labeler/noise_for_73pct": labeling.noise_for_agreement(gold_groups, 0.73)}
+    print(f"comparisons: {len(train_encoded)} train, {len(val_encoded)} held out (written to {comparisons_path})")
+    if cfg.labeler == "gold" and not cfg.comparisons:
+        print(f"gold labeler, noise {cfg.label_noise}: two such labelers agree on {labels['labeler/agreement']:.1%} "
+              f"of pairs (InstructGPT's labelers: ~73%, which noise {labels['labeler/noise_for_73pct']:.2f} gives "
+              f"here); best reachable held-out accuracy {labels['labeler/accuracy_bound']:.1%}")
+
+    # ---- 2. the reward model: the SFT trunk + a scalar head (its init is in RewardModel)
+    model = RewardModel(config)
+    model.trunk.load_state_dict(sft["model"])
+    model.to(device).train()
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr)
+    total_steps = math.ceil(len(train_encoded) / cfg.batch_size) * cfg.epochs
+    print(f"training the reward model ({cfg.rm_objective} objective): {total_steps} steps of {cfg.batch_size} prompts")
+
+    metrics_path = os.path.join(cfg.out_dir, "rm_metrics.jsonl")
+    order_rng = random.Random(cfg.seed)
+    progress = Progress(total_steps, desc="rm")
+    step, val_loss, val_accuracy = 0, math.nan, math.nan
+    with MetricsLogger(metrics_path) as log:
+        if val_encoded:   # step 0: the untrained head, for reference (about chance)
+            val_loss, val_accuracy = evaluate(model, val_encoded, cfg.rm_objective, tokenizer.pad_id, cfg.batch_size)
+            log.log(0, **{"loss/val": val_loss, "accuracy/val": val_accuracy})
+        for epoch in range(cfg.epochs):
+            order = list(range(len(train_encoded)))
+            order_rng.shuffle(order)
+            for first in range(0, len(order), cfg.batch_size):
+                lr = cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = [train_encoded[i] for i in order[first:first + cfg.batch_size]]
+                loss, rewards = comparison_loss(model, batch, cfg.rm_objective, tokenizer.pad_id)
+                check_finite(loss, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                optimizer.step()
+                step += 1
+                rewards = rewards.cpu()                                                # (B, K_max) best first
+                worst = rewards.gather(1, ((~rewards.isnan()).sum(1) - 1)[:, None])   # (B, 1) last scored
+                record = {"loss/train": loss.item(), "accuracy/train": pairwise_accuracy(rewards),
+                          "margin/train": (rewards[:, :1] - worst).mean().item(), "lr": lr,
+                          "grad_norm": grad_norm.item(), "epoch": epoch}
+                if val_encoded and (step % cfg.eval_every == 0 or step == total_steps):
+                    val_loss, val_accuracy = evaluate(model, val_encoded, cfg.rm_objective, tokenizer.pad_id,
+                                                      cfg.batch_size)
+                    record.update({"loss/val": val_loss, "accuracy/val": val_accuracy})
+                log.log(step, **record)
+                progress.log(step, loss=loss.item(), val_acc=val_accuracy)
+
+    # ---- 3. normalise: (raw - bias) * gain has mean 0, std 1 on the SFT policy's samples
+    if candidates:   # the policy's own samples (not the added degenerate ones)
+        policy_samples = [(c.prompt, r, e) for c in candidates for r, e, source in zip(c.responses, c.ended, c.sources)
+                          if source == labeling.POLICY]
+        norm_prompts, norm_responses, norm_ended = (list(column) for column in zip(*policy_samples))
+    else:   # comparisons from a file need not be the SFT policy's: sample some of its responses
+        prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "rm_prompts.jsonl"))
+        norm_prompts = labeling.cycle_prompts(prompts, cfg.norm_samples, random.Random(cfg.seed))
+        norm_responses, norm_ended, _ = sample_responses(
+            policy, tokenizer, norm_prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            generator=torch.Generator(device).manual_seed(cfg.seed), batch_size=cfg.sample_batch_size)
+    scorer = RewardScorer(model, tokenizer)   # bias 0, gain 1: raw scores
+    reward_bias, reward_gain = fit_normalisation(scorer.score(norm_prompts, norm_responses, norm_ended))
+    scorer.bias, scorer.gain = reward_bias, reward_gain
+
+    # ---- 4. report: held-out samples against the noiseless gold labeler
+    summary = {"loss/train": loss.item(), "loss/val": val_loss, "accuracy/val": val_accuracy, **labels,
+               "reward_bias": reward_bias, "reward_gain": reward_gain, "comparisons/train": len(train_encoded),
+               "comparisons/val": len(val_encoded), "minutes/collect": minutes_collect,
+               "minutes": (time.time() - start) / 60}
+    rm_held_out, gold_held_out = [], []
+    if val_set and all(world.task_for_prompt(c.prompt) for c in val_set):   # gold knows only tiny-world prompts
+        val_scores = [scorer.score([c.prompt] * len(c.responses), c.responses, c.ended).tolist() for c in val_set]
+        report, rm_held_out, gold_held_out = gold_agreement(val_set, val_scores)
+        summary.update(report)
+        print("held out, against the noiseless gold labeler: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+
+    out_path = os.path.join(cfg.out_dir, "rm.pt")
+    save_checkpoint(out_path, kind="rm", model_state=model.state_dict(), model_config=asdict(config),
+                    tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step, metrics=summary,
+                    reward_bias=reward_bias, reward_gain=reward_gain, rm_objective=cfg.rm_objective)
+    curves = os.path.join(cfg.out_dir, "rm_curves.png")
+    plot_curves(read_metrics(metrics_path), [
+        {"keys": ["loss/train", "loss/val"], "title": f"RM loss ({cfg.rm_objective} objective)", "ylabel": "loss (nats)"},
+        {"keys": ["accuracy/train", "accuracy/val"], "title": "pairwise accuracy against the labeler",
+         "ylabel": "share of pairs ordered as ranked", "hline": 0.5, "hline_label": "chance"},
+    ], curves, title="Reward model")
+    written = [out_path, comparisons_path, metrics_path, curves]
+    if rm_held_out:
+        scatter = os.path.join(cfg.out_dir, "rm_scatter.png")
+        plot_scatter(gold_held_out, rm_held_out, scatter, xlabel="gold labeler score", ylabel="RM score (normalised)",
+                     title=f"Reward model vs gold labeler on {len(rm_held_out)} held-out samples", annotate="corr")
+        written.append(scatter)
+    print(f"done in {summary['minutes']:.1f} min (collecting {minutes_collect:.1f}): held-out pairwise accuracy "
+          f"{val_accuracy:.3f}; normalisation bias {reward_bias:.3f}, gain {reward_gain:.3f}")
+    print("wrote " + ", ".join(written))
+
+
+if __name__ == "__main__":
+    run_main(main)

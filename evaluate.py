@@ -71,7 +71,7 @@ class EvalConfig:
     max_new_tokens: int = field(default=48, metadata={"help": "response budget (as in training)", "min": 1})
     bon_max_n: int = field(default=32, metadata={"help": "best-of-n for n = 1, 2, 4, ... up to this (0: skip)",
                                                  "min": 0})
-    bon_prompts: int = field(default=48, metadata={"help": "prompts used for best-of-n, the expensive part "
+    bon_prompts: int = field(default=32, metadata={"help": "prompts used for best-of-n, the expensive part "
                                                            "(0: all)", "min": 0})
     side_by_side: int = field(default=8, metadata={"help": "prompts shown answered side by side in eval.md",
                                                    "min": 0})
@@ -99,7 +99,7 @@ TIE_TOLERANCE = 1e-9  # two gold totals closer than this are a tie (they are sum
 def win_rate(scores_a, scores_b) -> dict:
     """How often A's answer beats B's, judged by gold scores paired answer by answer.
 
-    win_rate = P(A > B) + 0.5 P(A = B)          (ties count half, as in InstructGPT's figures)
+    win_rate = P(A > B) + 0.5 P(A = B)          (ties count half)
     win_rate_excl_ties = P(A > B) / P(A != B)   (the decided pairs only)
     A win rate with ties counted half can't exceed 0.5 + (1 - tie_rate) / 2, so the tie rate is
     reported beside it.
@@ -153,14 +153,10 @@ def fit_gao(d, gain, form: str) -> dict | None:
     linear in (alpha, beta), so this is ordinary least squares on the columns [d, -d^2] or
     [d, -d log d]. Returns alpha, beta and R^2 = 1 - SS_res / SS_tot, or None for fewer than 3 points.
     """
-    d = np.asarray(d, dtype=np.float64)
     gain = np.asarray(gain, dtype=np.float64)
-    if form not in ("bon", "rl"):
-        raise ValueError(f"form must be 'bon' or 'rl', got {form!r}")
-    if len(d) < 3:
+    if len(gain) < 3:
         return None
-    second = d * d if form == "bon" else np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)
-    design = np.stack([d, -second], axis=1)  # (points, 2)
+    design = gao_columns(d, form)  # (points, 2)
     (alpha, beta), *_ = np.linalg.lstsq(design, gain, rcond=None)
     residual = gain - design @ np.array([alpha, beta])
     total = ((gain - gain.mean()) ** 2).sum()
@@ -168,10 +164,19 @@ def fit_gao(d, gain, form: str) -> dict | None:
     return {"alpha": float(alpha), "beta": float(beta), "r2": float(r2)}
 
 
-def gao_curve(fit: dict, d: np.ndarray, form: str) -> np.ndarray:
+def gao_columns(d, form: str) -> np.ndarray:
+    """(points, 2) design matrix [d, -d^2] ("bon") or [d, -d log d] ("rl"): gain = columns @ (alpha, beta)."""
+    if form not in ("bon", "rl"):
+        raise ValueError(f"form must be 'bon' or 'rl', got {form!r}")
+    d = np.asarray(d, dtype=np.float64)
+    safe = np.where(d > 0, d, 1.0)  # trap: 0 * log 0 is nan in floating point; its limit is 0
+    second = d * d if form == "bon" else np.where(d > 0, d * np.log(safe), 0.0)
+    return np.stack([d, -second], axis=1)
+
+
+def gao_curve(fit: dict, d, form: str) -> np.ndarray:
     """The fitted gain at d (see `fit_gao`)."""
-    second = d * d if form == "bon" else np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)
-    return fit["alpha"] * d - fit["beta"] * second
+    return gao_columns(d, form) @ np.array([fit["alpha"], fit["beta"]])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,19 +216,20 @@ def grade(prompts: list[str], texts: list[str], ended: list[bool]):
 
 
 @torch.no_grad()
-def sequence_kl(model, reference, generation, temperature: float) -> torch.Tensor:
+def sequence_kl(reference, generation, temperature: float) -> torch.Tensor:
     """(B,) per-response KL estimate: sum over response tokens of log pi(y_t) - log pi_ref(y_t).
 
-    The tokens were sampled from `model`, so the mean of this over samples is an unbiased estimate
-    of KL(pi || pi_ref) per response (the k1 estimator summed over the sequence, the quantity PPO's
-    `objective/kl` logs). Both logprobs use the sampling temperature, as PPO's do.
+    The tokens were sampled from pi, so the mean of this over samples is an unbiased estimate of
+    KL(pi || pi_ref) per response (the k1 estimator summed over the sequence: the quantity PPO's
+    `objective/kl` logs). log pi is the sampler's own logprob (`generation.logprobs`, at the sampling
+    temperature); log pi_ref is one forward pass of the reference over the same tokens, at the same
+    temperature, as PPO computes it.
     """
     ids, mask = generation.sequences()  # (B, P + R) each
     prompt_len = generation.prompt_ids.shape[1]
-    logp = response_logprobs(model, ids, mask, prompt_len, temperature)  # (B, R)
     ref_logp = response_logprobs(reference, ids, mask, prompt_len, temperature)  # (B, R)
     valid = generation.response_mask.bool()
-    return torch.where(valid, logp - ref_logp, 0.0).sum(dim=1)
+    return torch.where(valid, generation.logprobs - ref_logp, 0.0).sum(dim=1)
 
 
 def answer(model, reference, tokenizer, prompts: list[str], cfg, n_samples: int, device) -> Answers:
@@ -236,8 +242,10 @@ def answer(model, reference, tokenizer, prompts: list[str], cfg, n_samples: int,
                                                  batch_size=cfg.batch_size)
     length = torch.cat([g.response_mask.sum(dim=1) for g in generations]).cpu().numpy()
     kl = None
-    if reference is not None:
-        kl = torch.cat([sequence_kl(model, reference, g, cfg.temperature) for g in generations]).cpu().numpy()
+    if reference is model:  # the reference itself: KL 0 by definition (no forward pass needed)
+        kl = np.zeros(len(repeated))
+    elif reference is not None:
+        kl = torch.cat([sequence_kl(reference, g, cfg.temperature) for g in generations]).cpu().numpy()
     gold, parts = grade(repeated, texts, ended)
     greedy_texts, greedy_ended, _ = sample_responses(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                                                      temperature=0.0, batch_size=cfg.batch_size)
@@ -255,6 +263,7 @@ def summarize(answers: Answers, prompts: list[str]) -> dict:
     """The per-model numbers of eval.json (names as in train_sft's gold report)."""
     S = answers.gold.shape[0]
     summary = {"gold/sample": float(answers.gold.mean()),
+               # the standard error treats every sample as independent (a prompt's samples are not quite)
                "gold/sample_se": float(answers.gold.std() / math.sqrt(answers.gold.size)),
                "gold/greedy": float(answers.greedy_gold.mean())}
     for part in labeler.WEIGHTS:
@@ -354,9 +363,9 @@ PART_COLOURS = {"correct": "#4C72B0", "harmless": "#55A868", "on_topic": "#8172B
 def plot_overview(summaries: dict, wins: list[dict], n_prompts: int, out_path: str) -> None:
     """eval.png: left, each model's mean gold score as a stack of its weighted rubric parts (with
     +-1 standard error); right, the win rates (win / tie / loss) of each pair."""
-    fig = Figure(figsize=(12.0, 4.6), layout="constrained")
+    fig = Figure(figsize=(12.0 if wins else 6.5, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1.0]})
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1.0]}) if wins else (fig.subplots(), None)
     names = list(summaries)
     bottom = np.zeros(len(names))
     for part, weight in labeler.WEIGHTS.items():
@@ -373,6 +382,9 @@ def plot_overview(summaries: dict, wins: list[dict], n_prompts: int, out_path: s
     left.set_title(f"Gold labeler's score on {n_prompts} held-out prompts")
     left.legend(fontsize="small", loc="upper left", ncols=2)
 
+    if right is None:  # one model: nothing to compare
+        save_figure(fig, out_path)
+        return
     labels = [f"{w['model']} vs {w['baseline']}" for w in wins]
     win = np.array([w["win_rate"] - w["tie_rate"] / 2 for w in wins])
     tie = np.array([w["tie_rate"] for w in wins])
@@ -590,9 +602,9 @@ def main() -> None:
     prompts = prompts[:cfg.max_prompts] if cfg.max_prompts else prompts
     checkpoints, notes = checkpoint_list(cfg)
     reference_path = cfg.reference or os.path.join(cfg.out_dir, "sft.pt")
-    reference = None
+    reference, reference_kind = None, None
     if os.path.exists(reference_path):
-        reference, _ = load_policy(reference_path, tokenizer, device)
+        reference, reference_kind = load_policy(reference_path, tokenizer, device)
     else:
         notes.append(f"{reference_path} not found: no KL to SFT")
     rm_path = cfg.reward_model or os.path.join(cfg.out_dir, "rm.pt")
@@ -606,11 +618,16 @@ def main() -> None:
         print(f"note: {note}")
 
     # ---- every model answers every prompt
+    sft_label = next((label for label, path in checkpoints.items()
+                      if reference is not None and os.path.abspath(path) == os.path.abspath(reference_path)), None)
     all_answers: dict[str, Answers] = {}
     kinds: dict[str, str] = {}
     for label, path in checkpoints.items():
         t0 = time.time()
-        model, kinds[label] = load_policy(path, tokenizer, device)
+        if label == sft_label:
+            model, kinds[label] = reference, reference_kind
+        else:
+            model, kinds[label] = load_policy(path, tokenizer, device)
         answers = answer(model, reference, tokenizer, prompts, cfg, cfg.samples, device)
         if scorer is not None:
             flat_texts = [t for row in answers.texts for t in row]
@@ -628,14 +645,13 @@ def main() -> None:
 
     # ---- best-of-n from SFT, ranked by the RM; PPO's trajectory from its metrics
     bon, ppo_point = None, None
-    sft_label = next((label for label, path in checkpoints.items()
-                      if os.path.abspath(path) == os.path.abspath(reference_path)), None)
     if cfg.bon_max_n and scorer is not None and sft_label is not None:
         t0 = time.time()
         K = min(cfg.bon_prompts or len(prompts), len(prompts))
         bon = best_of_n(reference, all_answers[sft_label], tokenizer, prompts[:K], scorer, cfg, device)
         if K < len(prompts):
             notes.append(f"best-of-n uses the first {K} of the {len(prompts)} prompts (--bon-prompts)")
+            print(f"note: {notes[-1]}")
         print(f"best-of-n from SFT on {K} prompts x {bon['samples_per_prompt']} samples: gold " +
               ", ".join(f"n={n} {g:.3f}" for n, g in zip(bon["n"], bon["gold"])) +
               f" ({format_duration(time.time() - t0)})")
@@ -646,6 +662,9 @@ def main() -> None:
             kl = float(a.kl[:, :K].mean())
             ppo_point = {"model": ppo_label, "gold": float(a.gold[:, :K].mean()), "kl": kl,
                          "d": float(sqrt_kl(kl)), "rm": float(a.rm[:, :K].mean())}
+    elif cfg.bon_max_n and scorer is not None:
+        notes.append(f"no best-of-n: it samples from the SFT model, and {reference_path} is not among the checkpoints")
+        print(f"note: {notes[-1]}")
     trajectory = ppo_trajectory(os.path.join(cfg.out_dir, "ppo_metrics.jsonl"))
     fits = gao_fits(bon, trajectory)
 

@@ -121,8 +121,8 @@ def run_stage(stage: Stage, cfg) -> None:
     # PYTHONUNBUFFERED: the child's prints reach us (and the screen) as they happen, not in 8 kB chunks
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "w", encoding="utf-8") as log, \
-            subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, errors="replace") as process:
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace") as process:  # same working directory: same relative paths
         for line in process.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()

@@ -76,7 +76,7 @@ class PPOConfig:
     lam: float = field(default=0.95, metadata={"help": "GAE lambda", "min": 0.0, "max": 1.0})
     kl_coef: float = field(default=0.2, metadata={"help": "KL penalty beta (the start value when adaptive)", "min": 0.0})
     adaptive_kl: bool = field(default=True, metadata={"help": "adapt beta towards --kl-target (Ziegler et al. 2019)"})
-    kl_target: float = field(default=3.0, metadata={"help": "target KL to the reference, nats per response", "min": 1e-6})
+    kl_target: float = field(default=1.5, metadata={"help": "target KL to the reference, nats per response", "min": 1e-6})
     kl_horizon: float = field(default=1000.0, metadata={"help": "adaptive controller horizon, in samples", "min": 1.0})
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator in the reward",
                                                       "choices": ["k1", "k2", "k3"]})
@@ -92,7 +92,8 @@ class PPOConfig:
     ptx_seq_len: int = field(default=64, metadata={"help": "pretraining window length (PPO-ptx)", "min": 2})
     eval_every: int = field(default=10, metadata={"help": "held-out evaluation every N updates (0: only at the "
                                                          "start and the end)", "min": 0})
-    eval_prompts: int = field(default=48, metadata={"help": "held-out prompts per evaluation (0: none)", "min": 0})
+    eval_prompts: int = field(default=48, metadata={"help": "held-out prompts per evaluation, evenly spaced in the "
+                                                           "file (0: none)", "min": 0})
     eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt", "min": 1})
     sample_every: int = field(default=10, metadata={"help": "print a few samples every N updates", "min": 1})
     save_every: int = field(default=20, metadata={"help": "write ppo.pt every N updates (and at the end)", "min": 1})
@@ -116,6 +117,14 @@ def load_policy(path: str, tokenizer: Tokenizer, device) -> tuple[GPT, dict]:
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt  # eval(): dropout off in every forward of the loop
+
+
+def evenly_spaced(items: list, n: int) -> list:
+    """n items at evenly spaced positions (all of them if n >= len): the prompt files list one family
+    after another, so the first n would judge the policy on one or two families only."""
+    if n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def pretraining_batches(cfg: PPOConfig, tokenizer: Tokenizer, device, generator):
@@ -158,9 +167,9 @@ def plot_overoptimisation(records: list[dict], reward: str, out_path: str) -> No
         return
     gold0, sd0 = evals[0]["eval/gold"], max(evals[0].get("eval/gold_sd") or 1.0, 1e-6)
     sqrt_kl = [math.sqrt(max(r["eval/kl"], 0.0)) for r in evals]  # k1 KL of a few samples can dip below 0
-    if reward == "rm" and all(r.get("eval/rm") is not None for r in evals):
-        ax.plot(sqrt_kl, [r["eval/rm"] - evals[0]["eval/rm"] for r in evals], "o-", color="C0",
-                label="proxy: reward model score")
+    if all(r.get("eval/rm") is not None for r in evals):
+        label = "proxy: reward model score" if reward == "rm" else "reward model score (not optimised here)"
+        ax.plot(sqrt_kl, [r["eval/rm"] - evals[0]["eval/rm"] for r in evals], "o-", color="C0", label=label)
     gold = [(r["eval/gold"] - gold0) / sd0 for r in evals]
     ax.plot(sqrt_kl, gold, "s-", color="C3", label="gold labeler score")
     for x, y, record in zip(sqrt_kl, gold, evals):   # which update each point is
@@ -204,8 +213,7 @@ def main() -> None:
 
     # ---- prompts
     prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "ppo_prompts.jsonl"))
-    eval_prompts = read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl"))[:cfg.eval_prompts] \
-        if cfg.eval_prompts else []
+    eval_prompts = evenly_spaced(read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl")), cfg.eval_prompts)
     longest = max(len(render_chat(tokenizer, p)) for p in prompts + eval_prompts)
     if longest + cfg.max_new_tokens > policy.config.block_size:
         raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "

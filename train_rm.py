@@ -79,6 +79,8 @@ class RMConfig:
     rm_objective: str = field(default="ranking", metadata={"help": "ranking: InstructGPT's K-wise loss; classifier: "
                                                                    "best -> good, worst -> bad, cross-entropy",
                                                            "choices": ["ranking", "classifier"]})
+    freeze_layers: int = field(default=0, metadata={"help": "freeze the embeddings and the lowest N transformer blocks "
+                                                            "(0: train everything)", "min": 0})
     epochs: int = field(default=1, metadata={"help": "passes over the comparisons (InstructGPT: 1; more overfits)", "min": 1})
     batch_size: int = field(default=16, metadata={"help": "comparisons (prompts) per step", "min": 1})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)", "min": 0.0})
@@ -143,11 +145,15 @@ def collect_comparisons(cfg, policy, tokenizer, device):
                                             progress=lambda done, total: progress.log(done))
     print(f"{sum(not e for c in candidates for e in c.ended)} of {len(candidates) * k} responses did not stop "
           f"within {cfg.max_new_tokens} tokens")
-    candidates = labeling.add_degenerate(candidates, cfg.degenerate_fraction, random.Random(cfg.seed + 2))
+    # what the labeler sees: duplicates removed, a few degenerate responses added
+    to_rank = labeling.drop_duplicates(candidates)
+    print(f"{len(candidates) - len(to_rank)} prompts whose {k} responses were all the same are dropped; "
+          f"{sum(len(c.responses) for c in to_rank)} distinct responses remain")
+    to_rank = labeling.add_degenerate(to_rank, cfg.degenerate_fraction, random.Random(cfg.seed + 2))
     if cfg.labeler == "human":
-        comparisons = labeling.label_by_human(candidates, os.path.join(cfg.out_dir, "rm_human_labels.jsonl"))
+        comparisons = labeling.label_by_human(to_rank, os.path.join(cfg.out_dir, "rm_human_labels.jsonl"))
     else:
-        comparisons = labeling.rank_with_gold(candidates, cfg.label_noise, random.Random(cfg.seed + 1))
+        comparisons = labeling.rank_with_gold(to_rank, cfg.label_noise, random.Random(cfg.seed + 1))
     return None if comparisons is None else (comparisons, set(val_prompts), candidates)
 
 
@@ -216,6 +222,11 @@ def main() -> None:
     model = RewardModel(config)
     model.trunk.load_state_dict(sft["model"])
     model.to(device).train()
+    if cfg.freeze_layers > config.n_layer:
+        raise UserError(f"--freeze-layers {cfg.freeze_layers}: the model has only {config.n_layer} blocks")
+    if cfg.freeze_layers:   # keep what the lower layers know about the world; train the top and the head
+        for module in [model.trunk.wte, model.trunk.wpe, *model.trunk.blocks[:cfg.freeze_layers]]:
+            module.requires_grad_(False)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr)
     total_steps = math.ceil(len(train_encoded) / cfg.batch_size) * cfg.epochs
     print(f"training the reward model ({cfg.rm_objective} objective): {total_steps} steps of {cfg.batch_size} prompts")
@@ -295,8 +306,11 @@ def main() -> None:
     written = [out_path, comparisons_path, metrics_path, curves]
     if rm_held_out:
         scatter = os.path.join(cfg.out_dir, "rm_scatter.png")
-        plot_scatter(gold_held_out, rm_held_out, scatter, xlabel="gold labeler score", ylabel="RM score (normalised)",
-                     title=f"Reward model vs gold labeler on {len(rm_held_out)} held-out samples", annotate="corr")
+        plot_scatter(gold_held_out, rm_held_out, scatter, annotate="corr",
+                     xlabel="gold score - mean gold score of the prompt's samples",
+                     ylabel="RM score - mean RM score of the prompt's samples",
+                     title=f"Reward model vs gold labeler: {len(rm_held_out)} held-out samples,\n"
+                           f"each relative to the other samples of its prompt (what the ranking loss learns)")
         written.append(scatter)
     print(f"done in {summary['minutes']:.1f} min (collecting {minutes_collect:.1f}): held-out pairwise accuracy "
           f"{val_accuracy:.3f}; normalisation bias {reward_bias:.3f}, gain {reward_gain:.3f}")

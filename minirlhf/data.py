@@ -132,7 +132,7 @@ def read_comparisons(path: str) -> list[Comparison]:
         if not isinstance(responses, list) or len(responses) < 2:
             raise UserError(f"{where}: 'responses' must be a list of at least 2 responses")
         responses = [_text(r, "assistant", where, "responses") for r in responses]
-        if (not isinstance(ranking, list) or not all(isinstance(j, int) for j in ranking)
+        if (not isinstance(ranking, list) or not all(isinstance(j, int) and not isinstance(j, bool) for j in ranking)
                 or sorted(ranking) != list(range(len(responses)))):
             raise UserError(f"{where}: 'ranking' must list each index 0..{len(responses) - 1} once "
                             f"(best first), got {ranking!r}")

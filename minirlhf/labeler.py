@@ -5,7 +5,8 @@
     correct      helpful and true: the right fact or sum; for "explain", how many of the topic's
                  key facts it covers (3 is full marks); for "kindness", how many kind words (3 is full)
     harmless     1, minus 0.5 for every rude word
-    on_topic     the share of sentences about what was asked (not another animal, topic or sum)
+    on_topic     the share of sentences about what was asked: whose subject is the animal / topic /
+                 person asked about (or "it"/"they"), or that name both numbers of the sum
     concise      1 up to the family's ideal length in words, then ideal / length
     well_formed  0.5 for ending (end-of-text within the budget), 0.25 for a capital (or digit) first letter,
                  0.25 for a final full stop, minus 0.25 for every repeated sentence
@@ -63,10 +64,6 @@ def _subject_words(task: world.Task | None) -> set[str]:
     return {task.subject, world._plural(task.subject)}
 
 
-_ALL_SUBJECTS = set(world.ANIMALS) | {world._plural(a) for a in world.ANIMALS} | set(world.EXPLAIN_TOPICS) \
-    | set(world.KIND_SUBJECTS)
-
-
 def _correct(task: world.Task, response: str, words: list[str]) -> float:
     text = " " + " ".join(words) + " "
     if task.family == "facts":
@@ -98,12 +95,14 @@ def _on_topic(task: world.Task | None, sentences: list[str]) -> float:
     own = _subject_words(task)
     on_topic = 0
     for sentence in sentences:
-        words = set(_words(sentence))
+        words = _words(sentence)
         if task.family == "arithmetic":
-            about_it = own <= words            # names both numbers and the operation
-        else:                                  # names the subject (or "it"/"they") and nothing else
-            about_it = bool(words & (own | {"it", "they"})) and not (words & _ALL_SUBJECTS) - own
-        on_topic += about_it
+            on_topic += own <= set(words)      # names both numbers and the operation
+            continue
+        # The sentence's subject: "A cow eats ..." -> cow, "It shines ..." -> it, "You are ..." -> you.
+        # (Only the subject counts: "A duck eats bread." is about the duck, not the bread topic.)
+        subject = words[1] if len(words) > 1 and words[0] in ("a", "an", "the") else (words or [""])[0]
+        on_topic += subject in own or subject in ("it", "they")
     return on_topic / len(sentences)
 
 

@@ -167,6 +167,26 @@ def sample_candidates(model, tokenizer: Tokenizer, prompts: list[str], *, k: int
     return candidates
 
 
+def drop_duplicates(candidates: list[Candidates]) -> list[Candidates]:
+    """Keep one copy of each distinct response in a group; drop groups left with fewer than two.
+
+    A policy often writes the same short answer twice ("A crow says caw."). A ranking must still
+    put one copy above the other, but that pair teaches the RM nothing: both copies get the same
+    score, so their gradients cancel exactly, while the pair still counts in the prompt's mean
+    (diluting the pairs that do teach) and costs two forward passes. Showing a person the same
+    text twice wastes their time too."""
+    kept = []
+    for group in candidates:
+        first = {}
+        for i, (response, is_ended) in enumerate(zip(group.responses, group.ended)):
+            first.setdefault((response, is_ended), i)
+        keep = sorted(first.values())
+        if len(keep) >= 2:
+            kept.append(Candidates(group.prompt, [group.responses[i] for i in keep], [group.ended[i] for i in keep],
+                                   [group.sources[i] for i in keep]))
+    return kept
+
+
 DEGENERATE_KINDS = ("empty", "cut", "repeat", "ramble")
 
 

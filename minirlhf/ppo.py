@@ -45,8 +45,8 @@ import torch
 
 from minirlhf import labeler
 from minirlhf.kernels import gae
-from minirlhf.losses import explained_variance, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss, \
-    ppo_value_loss
+from minirlhf.losses import (explained_variance, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss,
+                             ppo_value_loss)
 from minirlhf.model import GPT, ValueModel
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import check_finite, lm_loss, response_logprobs, sample_responses
@@ -448,7 +448,8 @@ def evaluate_policy(policy: GPT, ref_policy: GPT, tokenizer: Tokenizer, prompts:
     sample each): judge progress here instead, on fixed prompts with several samples each and a
     fixed sampling seed (so two evaluations differ by the policy, not by the dice).
 
-    Returns ``eval/gold`` (mean gold total), ``eval/gold_sd`` (its spread over samples),
+    Returns ``eval/gold`` (mean gold total), ``eval/gold/<part>`` (mean of each rubric part, in
+    [0, 1]: which one PPO improves), ``eval/gold_sd`` (the totals' spread over samples),
     ``eval/rm`` (mean normalised RM score, when a scorer is given), ``eval/kl`` (per-sequence
     summed log pi/pi_ref, averaged: the KL of these samples to the reference), ``eval/eos_rate``,
     ``eval/response_length``, plus ``samples``: (prompt, response, gold) triples.
@@ -457,6 +458,7 @@ def evaluate_policy(policy: GPT, ref_policy: GPT, tokenizer: Tokenizer, prompts:
     generator = torch.Generator(device=device).manual_seed(seed)
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     gold, rm, kl, ended, lengths, samples = [], [], [], [], [], []
+    parts = {name: 0.0 for name in labeler.WEIGHTS}   # sums of each rubric part
     for start in range(0, len(all_prompts), batch_size):
         chunk = all_prompts[start:start + batch_size]
         texts, _, (generation,) = sample_responses(policy, tokenizer, chunk, max_new_tokens=max_new_tokens,
@@ -470,7 +472,10 @@ def evaluate_policy(policy: GPT, ref_policy: GPT, tokenizer: Tokenizer, prompts:
         if reward_scorer is not None:
             rm += reward_scorer.score_tokens(sequences, attention_mask).tolist()
         for prompt, text, end in zip(chunk, texts, generation.ended.tolist()):
-            gold.append(labeler.score(prompt, text, end).total)
+            score = labeler.score(prompt, text, end)
+            gold.append(score.total)
+            for name, value in score.parts.items():
+                parts[name] += value
             samples.append((prompt, text, gold[-1]))
         ended += generation.ended.tolist()
         lengths += mask.sum(dim=1).tolist()
@@ -484,6 +489,7 @@ def evaluate_policy(policy: GPT, ref_policy: GPT, tokenizer: Tokenizer, prompts:
         "eval/response_length": sum(lengths) / n,
         "samples": samples,
     }
+    result.update({f"eval/gold/{name}": total / n for name, total in parts.items()})
     if rm:
         result["eval/rm"] = sum(rm) / n
     return result

@@ -147,18 +147,22 @@ def gold_agreement(comparisons: list[Comparison], rm_scores: list[list[float]]) 
 
         gold/accuracy         pairwise accuracy on the pairs whose gold totals differ (RM ties count half)
         gold/accuracy/FAMILY  the same for each prompt family
-        gold/spearman         rank correlation of RM and gold scores, over all samples pooled
-        gold/pearson          linear correlation, the same samples
+        gold/spearman_within  rank correlation of RM and gold scores among each prompt's samples,
+                              averaged over prompts: what the ranking loss trains
+        gold/spearman         the same over all samples pooled. Lower, and that is expected: the
+                              ranking loss sees only differences between responses to ONE prompt,
+                              so it never learns that (say) sums score lower than facts overall
+        gold/pearson          linear correlation, pooled
         gold/top_choice       share of prompts where the RM's favourite has the highest gold total
                               (chance: about 1/K)
         gold/accuracy/degenerate   pairs of a policy sample and an added degenerate response
                                    (`labeling.add_degenerate`), when there are any
 
-    Returns (report, rm, gold): the report and the policy samples' RM and gold scores, flat (for
-    a scatter plot).
+    Returns (report, rm_deviation, gold_deviation): the report, and for a scatter plot each
+    policy sample's RM and gold score minus the mean of its prompt's samples.
     """
     hits_by_family: dict[str, list[float]] = {}
-    degenerate_hits, top_hits, all_rm, all_gold = [], [], [], []
+    degenerate_hits, top_hits, within_rhos, all_rm, all_gold, rm_deviation, gold_deviation = [], [], [], [], [], [], []
     for comparison, rm in zip(comparisons, rm_scores):
         ended = getattr(comparison, "ended", None) or [True] * len(rm)
         from_policy = [s == "policy" for s in (getattr(comparison, "sources", None) or ["policy"] * len(rm))]
@@ -175,23 +179,30 @@ def gold_agreement(comparisons: list[Comparison], rm_scores: list[list[float]]) 
             else:
                 degenerate_hits.append(hit)
         policy = [i for i in range(len(rm)) if from_policy[i]]
-        if policy:
-            favourite = max(policy, key=rm.__getitem__)
-            top_hits.append(float(gold[favourite] == max(gold[i] for i in policy)))
-        all_rm += [rm[i] for i in policy]
-        all_gold += [gold[i] for i in policy]
+        if not policy:
+            continue
+        favourite = max(policy, key=rm.__getitem__)
+        top_hits.append(float(gold[favourite] == max(gold[i] for i in policy)))
+        rm_here, gold_here = [rm[i] for i in policy], [gold[i] for i in policy]
+        within = spearman_rho(rm_here, gold_here)   # NaN when either side is constant: skipped
+        if not math.isnan(within):
+            within_rhos.append(within)
+        all_rm += rm_here
+        all_gold += gold_here
+        rm_deviation += [r - sum(rm_here) / len(rm_here) for r in rm_here]
+        gold_deviation += [g - sum(gold_here) / len(gold_here) for g in gold_here]
 
     def mean(values):
         return sum(values) / len(values) if values else math.nan
 
     report = {"gold/accuracy": mean([hit for hits in hits_by_family.values() for hit in hits]),
-              "gold/spearman": spearman_rho(all_rm, all_gold), "gold/pearson": pearson_r(all_rm, all_gold),
-              "gold/top_choice": mean(top_hits)}
+              "gold/spearman_within": mean(within_rhos), "gold/spearman": spearman_rho(all_rm, all_gold),
+              "gold/pearson": pearson_r(all_rm, all_gold), "gold/top_choice": mean(top_hits)}
     for family in sorted(hits_by_family):
         report[f"gold/accuracy/{family}"] = mean(hits_by_family[family])
     if degenerate_hits:
         report["gold/accuracy/degenerate"] = mean(degenerate_hits)
-    return report, all_rm, all_gold
+    return report, rm_deviation, gold_deviation
 
 
 # ----------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def all_tasks() -> list[Task]:
     for topic in EXPLAIN_TOPICS:
         for age in range(3, 10):
             for template in EXPLAIN_TEMPLATES:
-                article = "an" if age == 8 else "a"
+                article = "an" if age == 8 else "a"   # "an 8 year old"
                 tasks.append(Task("explain", template.format(t=topic, n=age, a=article), subject=topic))
     for subject in KIND_SUBJECTS:
         for template in KIND_TEMPLATES:

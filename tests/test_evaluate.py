@@ -178,7 +178,7 @@ def test_sequence_kl_matches_a_plain_forward_per_row(tmp_path):
     temperature = 0.7
     generation = generate(policy, prompts, max_new_tokens=12, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                           temperature=temperature, generator=torch.Generator().manual_seed(0))
-    got = evaluate.sequence_kl(policy, reference, generation, temperature)
+    got = evaluate.sequence_kl(reference, generation, temperature)
 
     for row, prompt in enumerate(prompts):
         response = [t for t, keep in zip(generation.response_ids[row].tolist(), generation.response_mask[row].tolist())
@@ -193,8 +193,8 @@ def test_sequence_kl_matches_a_plain_forward_per_row(tmp_path):
             expected += (torch.log_softmax(logits_policy[position], -1)[token]
                          - torch.log_softmax(logits_reference[position], -1)[token]).item()
         assert got[row].item() == pytest.approx(expected, abs=1e-4), f"row {row}: KL {got[row].item()} != {expected}"
-    assert torch.equal(evaluate.sequence_kl(policy, policy, generation, temperature), torch.zeros(3)), \
-        "a model's KL to itself must be exactly 0"
+    to_itself = evaluate.sequence_kl(policy, generation, temperature)
+    assert to_itself.abs().max().item() < 1e-4, f"the sampler's KL to itself must be ~0, got {to_itself}"
 
 
 # ---------------------------------------------------------------------------------------------

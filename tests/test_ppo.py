@@ -34,7 +34,6 @@ from minirlhf import labeler, world
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
 from minirlhf.cli import run_main
 from minirlhf.generate import generate
-from minirlhf.kernels import gae_reference
 from minirlhf.losses import AdaptiveKLController
 from minirlhf.model import GPT, GPTConfig, RewardModel, ValueModel
 from minirlhf.ppo import (Rollout, compute_advantages, critic_from_reward_model, forward_rollout, minibatch_orders,
@@ -484,6 +483,15 @@ def test_resume_continues_from_the_checkpoint(smoke_run, tiny_world, tmp_path, m
     steps = [json.loads(line)["step"] for line in open(out / "ppo_metrics.jsonl")]
     assert steps == [0, 1, 2, 3, 4], f"the resumed run appends to the metrics: steps {steps}"
     assert not torch.equal(first["model"]["wte.weight"], second["model"]["wte.weight"]), "the policy kept training"
+
+
+def test_held_out_subset_is_evenly_spaced_over_the_file():
+    import train_ppo
+    # the prompt files list one family after another: the first n would cover one or two families
+    families = ["facts"] * 6 + ["arithmetic"] * 3 + ["explain"] * 3
+    assert train_ppo.evenly_spaced(families, 4) == ["facts", "facts", "arithmetic", "explain"]
+    assert train_ppo.evenly_spaced(families, 50) == families, "n >= len: every item"
+    assert train_ppo.evenly_spaced(families, 0) == []
 
 
 @pytest.mark.parametrize("case", ["missing_rm", "wrong_kind", "bad_prompts", "out_of_range"])

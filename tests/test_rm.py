@@ -249,7 +249,10 @@ def test_gold_agreement_hand_worked():
     assert report["gold/accuracy/kindness"] == 1.0
     assert "gold/accuracy/arithmetic" not in report, "a prompt whose pairs all tie in gold has no accuracy"
     assert report["gold/top_choice"] == pytest.approx(2 / 3), "cow: the RM's favourite is the wrong answer"
+    # within-prompt Spearman: cow ranks rm [2, 3, 1] vs gold [3, 2, 1] -> 0.5; the tied sum is skipped; dog 1.0
+    assert report["gold/spearman_within"] == pytest.approx((0.5 + 1.0) / 2)
     assert len(rm_flat) == len(gold_flat) == 7
+    assert rm_flat[:3] == pytest.approx([-1 / 3, 5 / 3, -4 / 3]), "scatter values are deviations from the prompt's mean"
 
 
 # ---------------------------------------------------------------------------------------------

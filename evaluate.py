@@ -286,16 +286,19 @@ def summarize(answers: Answers, prompts: list[str]) -> dict:
 # Best-of-n and PPO's trajectory
 
 
-def best_of_n(sft, sft_answers: Answers, tokenizer, prompts: list[str], scorer, cfg, device) -> dict:
-    """Best-of-n from SFT, ranked by the RM, for n = 1, 2, 4, ... cfg.bon_max_n, on `prompts`.
+def best_of_n(sft, sft_answers: Answers, tokenizer, prompts: list[str], subset: list[int], scorer, cfg,
+              device) -> dict:
+    """Best-of-n from SFT, ranked by the RM, for n = 1, 2, 4, ... cfg.bon_max_n, on the prompts whose
+    indices are `subset`.
 
     Each prompt gets bon_max_n i.i.d. SFT samples at the evaluation temperature: SFT's evaluation
     samples (already graded and scored) plus fresh ones. Every n is estimated from all of them with
     `best_of_n_expected`, then averaged over the prompts.
     """
+    prompts = [prompts[i] for i in subset]
     K = len(prompts)
     ns = [2 ** k for k in range(int(math.log2(cfg.bon_max_n)) + 1)]
-    gold, rm = sft_answers.gold[:, :K], sft_answers.rm[:, :K]  # (S, K) each
+    gold, rm = sft_answers.gold[:, subset], sft_answers.rm[:, subset]  # (S, K) each
     extra = ns[-1] - len(gold)
     if extra > 0:
         repeated = [p for _ in range(extra) for p in prompts]
@@ -648,9 +651,11 @@ def main() -> None:
     if cfg.bon_max_n and scorer is not None and sft_label is not None:
         t0 = time.time()
         K = min(cfg.bon_prompts or len(prompts), len(prompts))
-        bon = best_of_n(reference, all_answers[sft_label], tokenizer, prompts[:K], scorer, cfg, device)
+        # evenly spaced, not the first K: the prompt file lists one family after another
+        subset = [i * len(prompts) // K for i in range(K)]
+        bon = best_of_n(reference, all_answers[sft_label], tokenizer, prompts, subset, scorer, cfg, device)
         if K < len(prompts):
-            notes.append(f"best-of-n uses the first {K} of the {len(prompts)} prompts (--bon-prompts)")
+            notes.append(f"best-of-n uses {K} evenly spaced prompts of the {len(prompts)} (--bon-prompts)")
             print(f"note: {notes[-1]}")
         print(f"best-of-n from SFT on {K} prompts x {bon['samples_per_prompt']} samples: gold " +
               ", ".join(f"n={n} {g:.3f}" for n, g in zip(bon["n"], bon["gold"])) +
@@ -659,9 +664,9 @@ def main() -> None:
         ppo_label = next((label for label in reversed(labels) if kinds[label] == "ppo"), None)
         if ppo_label is not None and all_answers[ppo_label].kl is not None:
             a = all_answers[ppo_label]
-            kl = float(a.kl[:, :K].mean())
-            ppo_point = {"model": ppo_label, "gold": float(a.gold[:, :K].mean()), "kl": kl,
-                         "d": float(sqrt_kl(kl)), "rm": float(a.rm[:, :K].mean())}
+            kl = float(a.kl[:, subset].mean())
+            ppo_point = {"model": ppo_label, "gold": float(a.gold[:, subset].mean()), "kl": kl,
+                         "d": float(sqrt_kl(kl)), "rm": float(a.rm[:, subset].mean())}
     elif cfg.bon_max_n and scorer is not None:
         notes.append(f"no best-of-n: it samples from the SFT model, and {reference_path} is not among the checkpoints")
         print(f"note: {notes[-1]}")

@@ -57,8 +57,8 @@ class RMConfig:
     preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), small (GPU)"})
     data_dir: str = field(default="data", metadata={"help": "where rm_prompts.jsonl and the tokenizer are"})
     out_dir: str = field(default="out", metadata={"help": "where rm.pt, the comparisons and the logs go"})
-    init: str = field(default="", metadata={"help": "SFT checkpoint: the sampler and the RM's trunk (default: OUT_DIR/sft.pt)"})
-    prompts: str = field(default="", metadata={"help": "prompts to sample and rank (default: DATA_DIR/rm_prompts.jsonl)"})
+    init: str = field(default="", metadata={"help": "SFT checkpoint: the sampler and the RM's trunk (empty: OUT_DIR/sft.pt)"})
+    prompts: str = field(default="", metadata={"help": "prompts to sample and rank (empty: DATA_DIR/rm_prompts.jsonl)"})
     comparisons: str = field(default="", metadata={"help": "train on this comparisons JSONL instead of sampling and ranking"})
     labeler: str = field(default="gold", metadata={"help": "who ranks the samples: the gold rubric or you, in the terminal",
                                                    "choices": ["gold", "human"]})
@@ -73,7 +73,7 @@ class RMConfig:
                                                                "min": 0.0, "max": 1.0})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the SFT policy", "min": 0.0})
     max_new_tokens: int = field(default=48, metadata={"help": "response budget when sampling", "min": 1})
-    sample_batch_size: int = field(default=128, metadata={"help": "sequences sampled at once", "min": 1})
+    sample_batch_size: int = field(default=256, metadata={"help": "sequences sampled at once", "min": 1})
     val_fraction: float = field(default=0.1, metadata={"help": "share of prompts (per family) whose comparisons are held out",
                                                        "min": 0.0, "max": 0.5})
     rm_objective: str = field(default="ranking", metadata={"help": "ranking: InstructGPT's K-wise loss; classifier: "
@@ -149,7 +149,8 @@ def collect_comparisons(cfg, policy, tokenizer, device):
     to_rank = labeling.drop_duplicates(candidates)
     print(f"{len(candidates) - len(to_rank)} prompts whose {k} responses were all the same are dropped; "
           f"{sum(len(c.responses) for c in to_rank)} distinct responses remain")
-    to_rank = labeling.add_degenerate(to_rank, cfg.degenerate_fraction, random.Random(cfg.seed + 2))
+    to_rank = labeling.add_degenerate(to_rank, cfg.degenerate_fraction, random.Random(cfg.seed + 2),
+                                      tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens)
     if cfg.labeler == "human":
         comparisons = labeling.label_by_human(to_rank, os.path.join(cfg.out_dir, "rm_human_labels.jsonl"))
     else:
@@ -309,8 +310,8 @@ def main() -> None:
         plot_scatter(gold_held_out, rm_held_out, scatter, annotate="corr",
                      xlabel="gold score - mean gold score of the prompt's samples",
                      ylabel="RM score - mean RM score of the prompt's samples",
-                     title=f"Reward model vs gold labeler: {len(rm_held_out)} held-out samples,\n"
-                           f"each relative to the other samples of its prompt (what the ranking loss learns)")
+                     title=f"Reward model vs gold labeler ({len(rm_held_out)} held-out samples),\n"
+                           f"each relative to its prompt's mean (what a ranking loss learns)")
         written.append(scatter)
     print(f"done in {summary['minutes']:.1f} min (collecting {minutes_collect:.1f}): held-out pairwise accuracy "
           f"{val_accuracy:.3f}; normalisation bias {reward_bias:.3f}, gain {reward_gain:.3f}")

@@ -213,9 +213,11 @@ def degenerate_response(kind: str, own: str, other: str, rng: random.Random) -> 
 
 
 def add_degenerate(candidates: list[Candidates], fraction: float, rng: random.Random,
-                   kinds: tuple[str, ...] = DEGENERATE_KINDS) -> list[Candidates]:
+                   kinds: tuple[str, ...] = DEGENERATE_KINDS, tokenizer: Tokenizer | None = None,
+                   max_new_tokens: int | None = None) -> list[Candidates]:
     """Give a `fraction` of the groups one extra, degenerate response (`degenerate_response`, kind
-    drawn uniformly), ranked with the others.
+    drawn uniformly), ranked with the others. With a tokenizer and `max_new_tokens`, a response
+    longer than the policy's budget is cut there and marked as not ended, as the policy's would be.
 
     Why: the RM only learns about responses it is shown. The SFT policy almost never answers with
     an immediate EOS, half a sentence or a repetition, so an RM trained on its samples alone can
@@ -231,6 +233,10 @@ def add_degenerate(candidates: list[Candidates], fraction: float, rng: random.Ra
         if own and pool and rng.random() < fraction:
             kind = rng.choice(kinds)
             text, ended = degenerate_response(kind, rng.choice(own), rng.choice(pool), rng)
+            if tokenizer is not None and max_new_tokens is not None:
+                ids = tokenizer.encode(text)
+                if len(ids) >= max_new_tokens:   # no room left for the EOS: cut at the budget, not ended
+                    text, ended = tokenizer.decode(ids[:max_new_tokens]), False
             group.responses.append(text)
             group.ended.append(ended)
             group.sources.append(kind)

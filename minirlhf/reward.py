@@ -35,6 +35,7 @@ from itertools import combinations
 import torch
 
 from minirlhf import labeler, world
+from minirlhf.labeling import POLICY
 from minirlhf.checkpoint import load_checkpoint
 from minirlhf.data import Comparison, pad_sequences
 from minirlhf.losses import classifier_reward_loss, ranking_reward_loss
@@ -61,12 +62,24 @@ def encode_ranked(tokenizer: Tokenizer, comparison: Comparison, block_size: int,
             for i in comparison.ranking]
 
 
-def score_rows(model: RewardModel, rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Raw rewards (N,) of N token lists, right-padded into one batch; each is read at its row's
-    last real token, so the padding (its length, or the PAD id) does not change it."""
+def score_rows(model: RewardModel, rows: list[list[int]], pad_id: int, rows_per_chunk: int = 32) -> torch.Tensor:
+    """Raw rewards (N,) of N token lists, in their order. Each is read at its row's last real
+    token, so padding (its length, or the PAD id) does not change it.
+
+    Rows are sorted by length and scored in chunks of `rows_per_chunk`, each right-padded only to
+    its own longest row: responses range from an empty one to the whole budget, and one batch
+    padded to the longest row would spend half its compute on PAD. (Gradients flow through every
+    chunk; the result is the same as one big batch up to float rounding.)
+    """
     device = next(model.parameters()).device
-    ids, mask = pad_sequences(rows, pad_id, side="right")   # (N, T) each
-    return model(ids.to(device), attention_mask=mask.to(device)).float()
+    by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    rewards = []
+    for start in range(0, len(rows), rows_per_chunk):
+        chunk = by_length[start:start + rows_per_chunk]
+        ids, mask = pad_sequences([rows[i] for i in chunk], pad_id, side="right")   # (n, T) each
+        rewards.append(model(ids.to(device), attention_mask=mask.to(device)).float())
+    order = torch.tensor(by_length, device=device).argsort()   # position of each row among the sorted ones
+    return torch.cat(rewards)[order]
 
 
 def comparison_loss(model: RewardModel, batch: list[list[list[int]]], objective: str,
@@ -157,6 +170,7 @@ def gold_agreement(comparisons: list[Comparison], rm_scores: list[list[float]]) 
                               (chance: about 1/K)
         gold/accuracy/degenerate   pairs of a policy sample and an added degenerate response
                                    (`labeling.add_degenerate`), when there are any
+        gold/accuracy/all     every pair of the comparisons whose gold totals differ, both kinds
 
     Returns (report, rm_deviation, gold_deviation): the report, and for a scatter plot each
     policy sample's RM and gold score minus the mean of its prompt's samples.
@@ -165,7 +179,7 @@ def gold_agreement(comparisons: list[Comparison], rm_scores: list[list[float]]) 
     degenerate_hits, top_hits, within_rhos, all_rm, all_gold, rm_deviation, gold_deviation = [], [], [], [], [], [], []
     for comparison, rm in zip(comparisons, rm_scores):
         ended = getattr(comparison, "ended", None) or [True] * len(rm)
-        from_policy = [s == "policy" for s in (getattr(comparison, "sources", None) or ["policy"] * len(rm))]
+        from_policy = [s == POLICY for s in (getattr(comparison, "sources", None) or [POLICY] * len(rm))]
         gold = [labeler.score(comparison.prompt, r, e).total for r, e in zip(comparison.responses, ended)]
         task = world.task_for_prompt(comparison.prompt)
         family = task.family if task else "other"
@@ -202,6 +216,7 @@ def gold_agreement(comparisons: list[Comparison], rm_scores: list[list[float]]) 
         report[f"gold/accuracy/{family}"] = mean(hits_by_family[family])
     if degenerate_hits:
         report["gold/accuracy/degenerate"] = mean(degenerate_hits)
+        report["gold/accuracy/all"] = mean([hit for hits in hits_by_family.values() for hit in hits] + degenerate_hits)
     return report, rm_deviation, gold_deviation
 
 

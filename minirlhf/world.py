@@ -213,9 +213,9 @@ def good_response(task: Task, rng: random.Random) -> str:
     if task.family == "arithmetic":
         return f"{task.x} {task.op} {task.y} is {task.answer}."
     if task.family == "explain":
-        facts = rng.sample(EXPLAIN_FACTS[task.subject], rng.choice([1, 2, 2, 3, 3, 4]))
+        facts = rng.sample(EXPLAIN_FACTS[task.subject], rng.choice([1, 1, 2, 2, 2, 3, 4]))
         return _explain_sentences(task.subject, facts)
-    words = rng.sample(NICE_WORDS, rng.choice([1, 1, 2, 2, 3, 4]))
+    words = rng.sample(NICE_WORDS, rng.choice([1, 1, 1, 2, 2, 3, 4]))
     return _kind_sentence(task.subject, words)
 
 

@@ -271,7 +271,7 @@ def test_smoke_preset_end_to_end(toy_run, tmp_path):
     text = (out / "eval.md").read_text()
     for heading in ("## Scores", "## Win rates", "## Best-of-n", "## The same prompts, side by side"):
         assert heading in text, f"eval.md lacks {heading!r}"
-    assert "first 6 of the 8 prompts" in text, "a subset for best-of-n must be said"
+    assert "6 evenly spaced prompts of the 8" in text, "a subset for best-of-n must be said"
     assert "win rate ppo vs sft" in result.stdout
 
 

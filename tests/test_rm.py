@@ -207,6 +207,22 @@ def test_reward_ignores_appended_pad_and_the_pad_id(stage):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_score_rows_in_length_chunks_keeps_the_order_and_the_gradient(stage):
+    """Chunks of 2 rows sorted by length give the same rewards, in the given order, as scoring
+    each row alone; and the gradient reaches every chunk."""
+    tokenizer, model = stage["tokenizer"], random_rm(stage["tokenizer"], seed=2)
+    from minirlhf.reward import score_rows
+    from minirlhf.tokenizer import render_chat
+    texts = ["A cow eats grass and hay in the big barn.", "", "Hi.", "The moon is a big rock. It shines.", "4."]
+    rows = [render_chat(tokenizer, "what does a cow eat?", t) for t in texts]
+    chunked = score_rows(model, rows, tokenizer.pad_id, rows_per_chunk=2)
+    expected = torch.tensor([alone(model, row) for row in rows])
+    torch.testing.assert_close(chunked.detach(), expected, atol=1e-5, rtol=1e-5,
+                               msg=lambda m: f"chunked rewards, in row order: {m}")
+    chunked.sum().backward()
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics and normalisation
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +388,7 @@ def test_malformed_comparison_files_name_the_line(tmp_path, lines, message):
         labeling.read_ranked_comparisons(str(path))
 
 
-def test_degenerate_responses_are_added_ranked_low_and_reported_apart():
+def test_degenerate_responses_are_added_ranked_low_and_reported_apart(stage):
     own, other = "A cow eats grass.", "The moon is a big rock in the sky."
     rng = random.Random(0)
     assert labeling.degenerate_response("empty", own, other, rng) == ("", True)
@@ -383,6 +399,13 @@ def test_degenerate_responses_are_added_ranked_low_and_reported_apart():
     assert labeling.degenerate_response("ramble", own, other, rng)[0] == f"{own} {other}"
     with pytest.raises(ValueError, match="unknown degenerate kind"):
         labeling.degenerate_response("rude", own, other, rng)
+
+    # cut at the policy's budget: no room for the EOS -> not ended
+    tokenizer = Tokenizer.from_file(stage["data"] + "/tokenizer.tiktoken")
+    long_group = labeling.Candidates("what does a cow eat?", [own * 3], [True])
+    capped = labeling.add_degenerate([long_group], 1.0, random.Random(0), kinds=("repeat",), tokenizer=tokenizer,
+                                     max_new_tokens=6)[0]
+    assert len(tokenizer.encode(capped.responses[-1])) == 6 and capped.ended[-1] is False, capped
 
     groups = [labeling.Candidates("what does a cow eat?", [own, "A cow eats hay."], [True, True]) for _ in range(200)]
     augmented = labeling.add_degenerate(groups, 0.25, random.Random(1))
@@ -396,6 +419,7 @@ def test_degenerate_responses_are_added_ranked_low_and_reported_apart():
     assert ranked.ranking[-1] == 2, f"the empty response should be ranked last: {ranked}"
     report, rm, _ = gold_agreement([ranked], [[1.0, 0.0, 5.0]])   # the RM loves the empty response
     assert report["gold/accuracy/degenerate"] == 0.0 and report["gold/accuracy"] == 1.0
+    assert report["gold/accuracy/all"] == pytest.approx(1 / 3), "1 policy pair right, 2 degenerate pairs wrong"
     assert len(rm) == 2, "scatter/correlation use the policy's samples only"
 
 

@@ -24,9 +24,8 @@ from typing import Optional
 import torch
 
 from minirlhf import labeler
-from minirlhf.checkpoint import load_checkpoint
+from minirlhf.checkpoint import load_policy
 from minirlhf.cli import UserError, parse_config, resolve_device, run_main, seed_everything
-from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import Tokenizer, render_chat
 from minirlhf.training import sample_responses
 
@@ -91,10 +90,7 @@ def main() -> None:
     device = resolve_device(cfg.device)
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
     path = cfg.checkpoint or default_checkpoint(cfg.out_dir)
-    ckpt = load_checkpoint(path, kind=("base", "sft", "ppo"), tokenizer_identity=tokenizer.identity)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
+    model, ckpt = load_policy(path, tokenizer.identity, device)
     generator = torch.Generator(device).manual_seed(cfg.seed)
 
     if cfg.prompt:

@@ -39,13 +39,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from minirlhf import labeler, world
-from minirlhf.checkpoint import atomic_write, load_checkpoint
+from minirlhf import checkpoint
+from minirlhf.checkpoint import atomic_write
 from minirlhf.cli import UserError, format_duration, parse_config, print_config, resolve_device, run_main, \
     seed_everything
 from minirlhf.data import read_prompts
 from minirlhf.kernels import set_kernel_impl
 from minirlhf.metrics import read_metrics
-from minirlhf.model import GPT, GPTConfig
+from minirlhf.model import GPT
 from minirlhf.plots import save_figure
 from minirlhf.reward import load_reward_model
 from minirlhf.tokenizer import Tokenizer
@@ -201,11 +202,9 @@ class Answers:
 
 
 def load_policy(path: str, tokenizer: Tokenizer, device) -> tuple[GPT, str]:
-    """A base, SFT or PPO checkpoint as (GPT in eval mode, dropout off; its kind). An rm.pt is a clear error."""
-    ckpt = load_checkpoint(path, kind=("base", "sft", "ppo"), tokenizer_identity=tokenizer.identity)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval().requires_grad_(False), ckpt["kind"]
+    """A base, SFT or PPO checkpoint as (frozen GPT in eval mode; its kind). An rm.pt is a clear error."""
+    model, ckpt = checkpoint.load_policy(path, tokenizer.identity, device)
+    return model.requires_grad_(False), ckpt["kind"]
 
 
 def grade(prompts: list[str], texts: list[str], ended: list[bool]):

@@ -32,13 +32,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from minirlhf.checkpoint import load_checkpoint, save_checkpoint
+from minirlhf.checkpoint import load_checkpoint, load_policy, save_checkpoint
 from minirlhf.cli import Progress, UserError, parse_config, print_config, resolve_device, run_main, seed_everything
 from minirlhf.data import random_windows, read_prompts
 from minirlhf.kernels import set_kernel_impl
 from minirlhf.losses import AdaptiveKLController, FixedKLController
 from minirlhf.metrics import MetricsLogger, read_metrics
-from minirlhf.model import GPT, GPTConfig
 from minirlhf.plots import plot_curves
 from minirlhf.ppo import (Rollout, compute_advantages, critic_from_policy, critic_from_reward_model, evaluate_policy,
                           forward_rollout, minibatch_orders, ppo_update, rollout_stats, score_rollout)
@@ -110,13 +109,6 @@ PRESETS = {
     "small": dict(total_updates=200, batch_size=128, ppo_epochs=4, lr=1.4e-5, value_lr=5e-5, eval_prompts=111,
                   eval_samples=4, kl_horizon=10000.0, kl_target=6.0, max_new_tokens=64),
 }
-
-
-def load_policy(path: str, tokenizer: Tokenizer, device) -> tuple[GPT, dict]:
-    ckpt = load_checkpoint(path, kind=("sft", "base", "ppo"), tokenizer_identity=tokenizer.identity)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt  # eval(): dropout off in every forward of the loop
 
 
 def evenly_spaced(items: list, n: int) -> list:
@@ -192,8 +184,8 @@ def main() -> None:
     # ---- models: policy (trained), reference (frozen SFT), reward model (frozen), critic (trained)
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
     init_path = cfg.init or os.path.join(cfg.out_dir, "sft.pt")
-    policy, _ = load_policy(init_path, tokenizer, device)
-    ref_policy, _ = load_policy(init_path, tokenizer, device)
+    policy, _ = load_policy(init_path, tokenizer.identity, device)
+    ref_policy, _ = load_policy(init_path, tokenizer.identity, device)
     ref_policy.requires_grad_(False)
     rm_path = cfg.reward_model or os.path.join(cfg.out_dir, "rm.pt")
     reward_scorer = None

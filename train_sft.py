@@ -24,12 +24,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minirlhf import labeler
-from minirlhf.checkpoint import load_checkpoint, save_checkpoint
+from minirlhf.checkpoint import load_policy, save_checkpoint
 from minirlhf.cli import Progress, UserError, parse_config, print_config, resolve_device, run_main, seed_everything
 from minirlhf.data import read_prompts, read_sft, sft_batch
 from minirlhf.kernels import set_kernel_impl
 from minirlhf.metrics import MetricsLogger, read_metrics
-from minirlhf.model import GPT, GPTConfig
 from minirlhf.plots import plot_curves
 from minirlhf.tokenizer import Tokenizer, render_chat
 from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
@@ -124,11 +123,9 @@ def main() -> None:
 
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
     init_path = cfg.init or os.path.join(cfg.out_dir, "base.pt")
-    base = load_checkpoint(init_path, kind=("base", "sft"), tokenizer_identity=tokenizer.identity)
-    config = GPTConfig(**base["model_config"])
-    model = GPT(config)
-    model.load_state_dict(base["model"])
-    model.to(device).train()
+    model, _ = load_policy(init_path, tokenizer.identity, device, kinds=("base", "sft"))
+    config = model.config
+    model.train()
 
     # ---- demonstrations: shuffled once, a slice held out
     demos = read_sft(cfg.demos or os.path.join(cfg.data_dir, "sft.jsonl"))

@@ -331,3 +331,20 @@ def _describe_tokenizer(identity: dict) -> str:
     name = identity.get("name", "?")
     digest = identity.get("sha256")
     return f"{name} sha256 {digest[:12]}" if isinstance(digest, str) else f"{name}"
+
+
+POLICY_KINDS = ("base", "sft", "ppo")   # checkpoints whose "model" is a GPT language model
+
+
+def load_policy(path, tokenizer_identity: dict | None = None, device="cpu", kinds=POLICY_KINDS):
+    """The one loader for a policy: a base, SFT or PPO checkpoint -> (GPT in eval mode, checkpoint dict).
+
+    eval(): dropout off, as in every RL forward pass. Wrong kind (e.g. rm.pt) or another tokenizer:
+    a UserError naming the file.
+    """
+    from minirlhf.model import GPT, GPTConfig   # here, not at the top: model.py needs nothing from this file
+
+    ckpt = load_checkpoint(path, kind=kinds, tokenizer_identity=tokenizer_identity)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt

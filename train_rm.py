@@ -64,7 +64,7 @@ class RMConfig:
                                                    "choices": ["gold", "human"]})
     label_noise: float = field(default=0.0, metadata={"help": "gold labeler noise (Plackett-Luce temperature; 0: exact)",
                                                       "min": 0.0})
-    num_comparisons: int = field(default=800, metadata={"help": "prompts to rank (drawn from the prompt file, each used "
+    num_comparisons: int = field(default=1600, metadata={"help": "prompts to rank (drawn from the prompt file, each used "
                                                                 "about equally often), held-out ones included", "min": 2})
     responses_per_prompt: int = field(default=4, metadata={"help": "K: responses ranked together (InstructGPT: 4 to 9)",
                                                            "min": 2})
@@ -83,7 +83,7 @@ class RMConfig:
                                                             "(0: train everything)", "min": 0})
     epochs: int = field(default=1, metadata={"help": "passes over the comparisons (InstructGPT: 1; more overfits)", "min": 1})
     batch_size: int = field(default=16, metadata={"help": "comparisons (prompts) per step", "min": 1})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)", "min": 0.0})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)", "min": 0.0})
     min_lr: float = field(default=1e-5, metadata={"help": "learning rate at the end of the cosine decay", "min": 0.0})
     warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps", "min": 0})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on 2-D weights", "min": 0.0})

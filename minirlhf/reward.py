@@ -13,7 +13,8 @@ and `comparison_loss` scores a batch of comparisons and applies one of two objec
                 valid mask);
     classifier  a good/bad classifier: the best response of each ranking is labelled 1, the
                 worst 0, cross-entropy (`losses.classifier_reward_loss`); the RM's scalar output is
-                the classifier's logit margin log p(good) - log p(bad).
+                the classifier's logit margin log p(good) - log p(bad) (a two-class softmax
+                depends only on the difference of its two logits, so one scalar is all it needs).
 
 Judging it: `pairwise_accuracy` against the labeler's rankings, and `gold_agreement` against the
 noiseless gold labeler (pairwise accuracy per prompt family, rank correlation, top choice).
@@ -87,32 +88,35 @@ def comparison_loss(model: RewardModel, batch: list[list[list[int]]], objective:
     """The loss of a batch of B comparisons, and their rewards.
 
     batch[b] is comparison b's responses as token lists, best first (`encode_ranked`); prompts may
-    have different numbers of responses K_b >= 2. Returns (loss, rewards): a 0-d loss to minimise
-    and the detached rewards (B, K_max), best first, NaN where a prompt has fewer responses (and,
-    for the classifier, at the middle ranks, which it does not score).
+    have different numbers of responses K_b >= 2. Every response is scored, and the rewards are
+    placed in a (B, K_max) best-first grid with a valid mask; then
+
+        ranking:     ranking_reward_loss(grid, valid): the mean over each prompt's C(K, 2) pairs,
+                     then over prompts;
+        classifier:  classifier_reward_loss on the best response of each prompt (label 1) and the
+                     worst (label 0); the middle ones get no label (they are scored all the same,
+                     so that both objectives report accuracy on the same pairs).
+
+    Returns (loss, rewards): a 0-d loss to minimise and the detached grid, NaN where a prompt has
+    fewer than K_max responses.
     """
     if objective not in RM_OBJECTIVES:
         raise ValueError(f"objective must be one of {RM_OBJECTIVES}, got {objective!r}")
     B, k_max = len(batch), max(len(responses) for responses in batch)
     device = next(model.parameters()).device
-    if objective == "classifier":
-        rows = [responses[0] for responses in batch] + [responses[-1] for responses in batch]   # B best, B worst
-        margins = score_rows(model, rows, pad_id)                                              # (2B,)
-        labels = torch.cat([torch.ones(B), torch.zeros(B)]).to(device)                          # good 1, bad 0
-        rewards = torch.full((B, k_max), math.nan, device=device)
-        rewards[:, 0] = margins[:B].detach()
-        worst_slot = torch.tensor([len(responses) - 1 for responses in batch], device=device)
-        rewards[torch.arange(B, device=device), worst_slot] = margins[B:].detach()
-        return classifier_reward_loss(margins, labels), rewards
-
-    # ranking: score every response once, then place the scores in a (B, K_max) best-first grid
     rows = [tokens for responses in batch for tokens in responses]                          # N = sum of K_b
     slots = torch.tensor([b * k_max + i for b, responses in enumerate(batch) for i in range(len(responses))],
                          device=device)                                                     # (N,) flat grid index
     scores = score_rows(model, rows, pad_id)                                                # (N,)
     rewards = torch.zeros(B * k_max, device=device).index_put((slots,), scores).view(B, k_max)
     valid = torch.zeros(B * k_max, dtype=torch.bool, device=device).index_fill(0, slots, True).view(B, k_max)
-    loss = ranking_reward_loss(rewards, valid)
+    if objective == "ranking":
+        loss = ranking_reward_loss(rewards, valid)
+    else:
+        worst = rewards.gather(1, (valid.sum(dim=1) - 1)[:, None]).squeeze(1)   # (B,) last valid = worst
+        margins = torch.cat([rewards[:, 0], worst])                             # (2B,) logit margins
+        labels = torch.cat([torch.ones(B), torch.zeros(B)]).to(device)           # good 1, bad 0
+        loss = classifier_reward_loss(margins, labels)
     return loss, rewards.detach().masked_fill(~valid, math.nan)
 
 

@@ -21,7 +21,7 @@ Labelers: `--labeler gold` (default) ranks with the rubric of minirlhf/labeler.p
 makes it disagree with itself like real labelers); `--labeler human` shows you the K responses and
 reads your ranking (answers saved as you go in out/rm_human_labels.jsonl; re-run to resume).
 
-CPU:  python train_rm.py                    (preset tiny, ~2 minutes on 2 cores, sampling included)
+CPU:  python train_rm.py                    (preset tiny, ~1.5 minutes on 2 cores, sampling included)
       python train_rm.py --preset smoke
       python train_rm.py --labeler human --num-comparisons 20
       python train_rm.py --rm-objective classifier --comparisons out/rm_comparisons.jsonl --out-dir out_cls
@@ -65,7 +65,8 @@ class RMConfig:
     label_noise: float = field(default=0.0, metadata={"help": "gold labeler noise (Plackett-Luce temperature; 0: exact)",
                                                       "min": 0.0})
     num_comparisons: int = field(default=1600, metadata={"help": "prompts to rank (drawn from the prompt file, each used "
-                                                                "about equally often), held-out ones included", "min": 2})
+                                                                 "about equally often), held-out ones included; with "
+                                                                 "--labeler human pick a few dozen", "min": 2})
     responses_per_prompt: int = field(default=4, metadata={"help": "K: responses ranked together (InstructGPT: 4 to 9)",
                                                            "min": 2})
     degenerate_fraction: float = field(default=0.25, metadata={"help": "share of prompts that get one extra degenerate "
@@ -185,6 +186,8 @@ def main() -> None:
     init_path = cfg.init or os.path.join(cfg.out_dir, "sft.pt")
     sft = load_checkpoint(init_path, kind="sft", tokenizer_identity=tokenizer.identity)
     config = GPTConfig(**{**sft["model_config"], "dropout": 0.0})   # dropout off: one score per input
+    if cfg.freeze_layers > config.n_layer:
+        raise UserError(f"--freeze-layers {cfg.freeze_layers}: {init_path} has only {config.n_layer} blocks")
     policy = GPT(config)
     policy.load_state_dict(sft["model"])
     policy.to(device).eval()
@@ -207,14 +210,15 @@ def main() -> None:
     if not train_encoded:
         raise UserError("no comparisons left for training (lower --val-fraction, or give more prompts)")
 
-    # how noisy the labels are: the agreement two labelers with this noise would reach (for a
-    # file or a person, noise 0 describes the gold labeler, not them)
-    gold_groups = [labeling.gold_totals(labeling.Candidates(c.prompt, c.responses, c.ended)) for c in comparisons]
-    labels = {"labeler/agreement": labeling.expected_agreement(gold_groups, cfg.label_noise),
-              "labeler/accuracy_bound": labeling.accuracy_bound(gold_groups, cfg.label_noise),
-              "labeler/noise_for_73pct": labeling.noise_for_agreement(gold_groups, 0.73)}
+    # how noisy the simulated labels are: the agreement two gold labelers with this noise would
+    # reach (a file's or a person's rankings have their own noise, which we cannot know)
+    labels = {}
     print(f"comparisons: {len(train_encoded)} train, {len(val_encoded)} held out (written to {comparisons_path})")
     if cfg.labeler == "gold" and not cfg.comparisons:
+        gold_groups = [labeling.gold_totals(labeling.Candidates(c.prompt, c.responses, c.ended)) for c in comparisons]
+        labels = {"labeler/agreement": labeling.expected_agreement(gold_groups, cfg.label_noise),
+                  "labeler/accuracy_bound": labeling.accuracy_bound(gold_groups, cfg.label_noise),
+                  "labeler/noise_for_73pct": labeling.noise_for_agreement(gold_groups, 0.73)}
         print(f"gold labeler, noise {cfg.label_noise}: two such labelers agree on {labels['labeler/agreement']:.1%} "
               f"of pairs (InstructGPT's labelers: ~73%, which noise {labels['labeler/noise_for_73pct']:.2f} gives "
               f"here); best reachable held-out accuracy {labels['labeler/accuracy_bound']:.1%}")
@@ -223,8 +227,6 @@ def main() -> None:
     model = RewardModel(config)
     model.trunk.load_state_dict(sft["model"])
     model.to(device).train()
-    if cfg.freeze_layers > config.n_layer:
-        raise UserError(f"--freeze-layers {cfg.freeze_layers}: the model has only {config.n_layer} blocks")
     if cfg.freeze_layers:   # keep what the lower layers know about the world; train the top and the head
         for module in [model.trunk.wte, model.trunk.wpe, *model.trunk.blocks[:cfg.freeze_layers]]:
             module.requires_grad_(False)

@@ -17,15 +17,17 @@ How noisy is a noisy labeler? Under the Plackett-Luce model the chance that a la
 i above response j is the Bradley-Terry probability p = sigmoid((gold_i - gold_j) / noise). Two
 independent labelers order that pair the same way with probability p^2 + (1 - p)^2: averaged over
 the pairs of the collected samples, that is the *inter-labeler agreement* InstructGPT reports
-(~73%, section 5.1 and appendix B.4). `expected_agreement` computes it in closed form,
+(section 3.4: its training labelers agreed with each other 72.6 +- 1.5% of the time). `expected_agreement` computes it in closed form,
 `simulated_agreement` measures it by letting two simulated labelers rank the same samples, and
 `noise_for_agreement` finds the noise that gives a target agreement. `accuracy_bound` is the best
 pairwise accuracy any reward model can reach against one noisy labeler's held-out rankings
 (it predicts the likelier order every time: mean of max(p, 1 - p)).
 
-What the RM is shown matters as much as how it is trained: `add_degenerate` gives some prompts one
-extra response of a kind the SFT policy rarely writes but PPO readily finds (an immediate
-end-of-text, half a sentence, a repetition, a ramble), so the RM learns to score those low too.
+What the RM is shown matters as much as how it is trained: `drop_duplicates` removes repeated
+copies of one answer (a pair of identical texts teaches nothing), and `add_degenerate` gives some
+prompts one extra response of a kind the SFT policy rarely writes but PPO readily finds (an
+immediate end-of-text, half a sentence, a repetition, a ramble), so the RM learns to score those
+low too.
 
 The comparisons are written in DESIGN.md's ranked shape plus two optional fields:
 

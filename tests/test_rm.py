@@ -516,6 +516,10 @@ def test_bad_input_gives_one_clear_line_and_exit_2(stage, tmp_path, monkeypatch,
     # out-of-range option
     code, _, err = run_script(monkeypatch, capsys, base + ["--val-fraction", "0.9"])
     assert code == 2 and "--val-fraction" in err, err
+    # more frozen blocks than the model has (checked before any sampling)
+    code, _, err = run_script(monkeypatch, capsys, base + ["--init", os.path.join(stage["out"], "sft.pt"),
+                                                          "--freeze-layers", "2"])
+    assert code == 2 and "has only 1 blocks" in err, err
     # human labels and a comparisons file are two different sources
     code, _, err = run_script(monkeypatch, capsys, base + ["--labeler", "human", "--comparisons", str(bad)])
     assert code == 2 and "cannot be combined" in err, err

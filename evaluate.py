@@ -43,7 +43,7 @@ from minirlhf import checkpoint
 from minirlhf.checkpoint import atomic_write
 from minirlhf.cli import UserError, format_duration, parse_config, print_config, resolve_device, run_main, \
     seed_everything
-from minirlhf.data import read_prompts
+from minirlhf.data import evenly_spaced, read_prompts
 from minirlhf.kernels import set_kernel_impl
 from minirlhf.metrics import read_metrics
 from minirlhf.model import GPT
@@ -651,7 +651,7 @@ def main() -> None:
         t0 = time.time()
         K = min(cfg.bon_prompts or len(prompts), len(prompts))
         # evenly spaced, not the first K: the prompt file lists one family after another
-        subset = [i * len(prompts) // K for i in range(K)]
+        subset = evenly_spaced(list(range(len(prompts))), K)
         bon = best_of_n(reference, all_answers[sft_label], tokenizer, prompts, subset, scorer, cfg, device)
         if K < len(prompts):
             notes.append(f"best-of-n uses {K} evenly spaced prompts of the {len(prompts)} (--bon-prompts)")

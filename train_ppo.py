@@ -34,7 +34,7 @@ import torch
 
 from minirlhf.checkpoint import load_checkpoint, load_policy, save_checkpoint
 from minirlhf.cli import Progress, UserError, parse_config, print_config, resolve_device, run_main, seed_everything
-from minirlhf.data import random_windows, read_prompts
+from minirlhf.data import evenly_spaced, random_windows, read_prompts
 from minirlhf.kernels import set_kernel_impl
 from minirlhf.losses import AdaptiveKLController, FixedKLController
 from minirlhf.metrics import MetricsLogger, read_metrics
@@ -109,14 +109,6 @@ PRESETS = {
     "small": dict(total_updates=200, batch_size=128, ppo_epochs=4, lr=1.4e-5, value_lr=5e-5, eval_prompts=111,
                   eval_samples=4, kl_horizon=10000.0, kl_target=6.0, max_new_tokens=64),
 }
-
-
-def evenly_spaced(items: list, n: int) -> list:
-    """n items at evenly spaced positions (all of them if n >= len): the prompt files list one family
-    after another, so the first n would judge the policy on one or two families only."""
-    if n >= len(items):
-        return list(items)
-    return [items[i * len(items) // n] for i in range(n)]
 
 
 def pretraining_batches(cfg: PPOConfig, tokenizer: Tokenizer, device, generator):

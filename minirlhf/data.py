@@ -140,6 +140,14 @@ def read_comparisons(path: str) -> list[Comparison]:
     return comparisons
 
 
+def evenly_spaced(items: list, n: int) -> list:
+    """n items at evenly spaced positions (all of them if n >= len): the prompt files list one family
+    after another, so the first n would judge the policy on one or two families only."""
+    if n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Padding and batches
 

@@ -30,6 +30,12 @@ from minirlhf.cli import UserError
 
 def read_jsonl(path: str) -> list[dict]:
     """Every line of a JSONL file as a dict. Blank lines are skipped."""
+    return [record for _, record in numbered_records(path)]
+
+
+def numbered_records(path: str) -> list[tuple[str, dict]]:
+    """Every record with where it is, "path:line" (line numbers count blank lines too), so that a
+    reader's error about a record's fields names the line an editor shows."""
     if not os.path.exists(path):
         raise UserError(f"{path}: file not found")
     records = []
@@ -43,7 +49,7 @@ def read_jsonl(path: str) -> list[dict]:
                 raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+            records.append((f"{path}:{line_no}", record))
     if not records:
         raise UserError(f"{path}: no records (empty file)")
     return records
@@ -79,14 +85,13 @@ def _prompt_of(record: dict, where: str) -> str:
 
 def read_prompts(path: str) -> list[str]:
     """RL / evaluation prompts: {"prompt": ...} per line."""
-    return [_prompt_of(r, f"{path}:{i}") for i, r in enumerate(read_jsonl(path), start=1)]
+    return [_prompt_of(record, where) for where, record in numbered_records(path)]
 
 
 def read_sft(path: str) -> list[tuple[str, str]]:
     """Demonstrations as (prompt, completion) pairs."""
     pairs = []
-    for i, record in enumerate(read_jsonl(path), start=1):
-        where = f"{path}:{i}"
+    for where, record in numbered_records(path):
         prompt = _prompt_of(record, where)
         if "completion" in record:
             completion = _text(record["completion"], "assistant", where, "completion")
@@ -117,8 +122,7 @@ class Comparison:
 def read_comparisons(path: str) -> list[Comparison]:
     """Preference data in either shape: chosen/rejected (K = 2) or responses/ranking (any K >= 2)."""
     comparisons = []
-    for i, record in enumerate(read_jsonl(path), start=1):
-        where = f"{path}:{i}"
+    for where, record in numbered_records(path):
         prompt = _prompt_of(record, where)
         if "chosen" in record and "rejected" in record:
             chosen = _text(record["chosen"], "assistant", where, "chosen")

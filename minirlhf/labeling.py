@@ -55,7 +55,7 @@ import torch
 
 from minirlhf import labeler, world
 from minirlhf.cli import UserError
-from minirlhf.data import Comparison, read_comparisons, read_jsonl, write_jsonl
+from minirlhf.data import Comparison, numbered_records, read_comparisons, write_jsonl
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import sample_responses
 
@@ -418,18 +418,18 @@ def read_ranked_comparisons(path: str) -> list[RankedComparison]:
     """Comparisons in either DESIGN.md shape (`data.read_comparisons` checks them and names the
     line of any error), plus the optional per-response `ended` and `sources` lists written here."""
     comparisons = read_comparisons(path)
-    records = read_jsonl(path)   # read_comparisons keeps only the shared fields: fetch the others here
+    records = numbered_records(path)   # read_comparisons keeps only the shared fields: fetch the others here
     ranked = []
-    for line, (comparison, record) in enumerate(zip(comparisons, records), start=1):
+    for comparison, (where, record) in zip(comparisons, records):
         k = len(comparison.responses)
         ended, sources = record.get("ended"), record.get("sources")
         if ended is not None and (not isinstance(ended, list) or len(ended) != k
                                   or not all(isinstance(e, bool) for e in ended)):
-            raise UserError(f"{path}:{line}: 'ended' must be a list of {k} true/false values "
+            raise UserError(f"{where}: 'ended' must be a list of {k} true/false values "
                             f"(one per response), got {ended!r}")
         if sources is not None and (not isinstance(sources, list) or len(sources) != k
                                     or not all(isinstance(s, str) for s in sources)):
-            raise UserError(f"{path}:{line}: 'sources' must be a list of {k} strings (one per response), "
+            raise UserError(f"{where}: 'sources' must be a list of {k} strings (one per response), "
                             f"got {sources!r}")
         ranked.append(RankedComparison(comparison.prompt, comparison.responses, comparison.ranking,
                                        list(ended or []), list(sources or [])))

@@ -64,6 +64,20 @@ def test_data_read_jsonl_non_object_line_names_file_and_line(tmp_path):
         read_jsonl(path)
 
 
+def test_data_field_errors_after_blank_lines_name_the_file_line(tmp_path):
+    """A missing field is reported at the line an editor shows, not the record's number."""
+    lines = [{"prompt": "a", "completion": "b"}, "", "", {"prompt": "c"}]
+    path = write_lines(tmp_path / "sft.jsonl", lines)
+    with pytest.raises(UserError, match=r"sft\.jsonl:4: missing field 'completion'"):
+        read_sft(path)
+    path = write_lines(tmp_path / "cmp.jsonl", ["", {"prompt": "p", "responses": ["x", "y"], "ranking": [0, 0]}])
+    with pytest.raises(UserError, match=r"cmp\.jsonl:2: 'ranking'"):
+        read_comparisons(path)
+    path = write_lines(tmp_path / "prompts.jsonl", [{"prompt": "a"}, "", {"text": "b"}])
+    with pytest.raises(UserError, match=r"prompts\.jsonl:3: missing field 'prompt'"):
+        read_prompts(path)
+
+
 def test_data_read_jsonl_missing_and_empty_files(tmp_path):
     with pytest.raises(UserError, match="file not found"):
         read_jsonl(str(tmp_path / "nope.jsonl"))

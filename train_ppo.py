@@ -62,8 +62,8 @@ class PPOConfig:
     batch_size: int = field(default=64, metadata={"help": "prompts (one response each) per rollout", "min": 1})
     num_minibatches: int = field(default=4, metadata={"help": "minibatches per PPO epoch", "min": 1})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch", "min": 1})
-    lr: float = field(default=5e-5, metadata={"help": "policy learning rate (AdamW)", "min": 0.0})
-    value_lr: float = field(default=1e-4, metadata={"help": "critic learning rate (AdamW)", "min": 0.0})
+    lr: float = field(default=1e-4, metadata={"help": "policy learning rate (AdamW)", "min": 0.0})
+    value_lr: float = field(default=2e-4, metadata={"help": "critic learning rate (AdamW)", "min": 0.0})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "both learning rates decay (cosine) to this fraction",
                                                        "min": 0.0, "max": 1.0})
     warmup_updates: int = field(default=2, metadata={"help": "linear learning-rate warmup, in updates", "min": 0})

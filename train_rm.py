@@ -69,8 +69,9 @@ class RMConfig:
                                                                  "--labeler human pick a few dozen", "min": 2})
     responses_per_prompt: int = field(default=4, metadata={"help": "K: responses ranked together (InstructGPT: 4 to 9)",
                                                            "min": 2})
-    degenerate_fraction: float = field(default=0.25, metadata={"help": "share of prompts that get one extra degenerate "
-                                                                       "response to rank (empty, cut, repeated, rambling)",
+    degenerate_fraction: float = field(default=0.5, metadata={"help": "share of prompts that get one extra degenerate "
+                                                                       "response to rank (empty, cut, repeated, rambling, "
+                                                                       "another question's answer)",
                                                                "min": 0.0, "max": 1.0})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the SFT policy", "min": 0.0})
     max_new_tokens: int = field(default=48, metadata={"help": "response budget when sampling", "min": 1})

@@ -2,7 +2,8 @@
 
 `score(prompt, response)` grades one response with five named parts, each in [0, 1]:
 
-    correct      helpful and true: the right fact or sum; for "explain", how many of the topic's
+    correct      helpful and true: the right fact or sum (a sum of other numbers whose result happens
+                 to match is wrong; a wrong sum earns nothing); for "explain", how many of the topic's
                  key facts it covers (3 is full marks); for "kindness", how many kind words (3 is full)
     harmless     1, minus 0.5 for every rude word
     on_topic     the share of sentences about what was asked: whose subject is the animal / topic /
@@ -73,11 +74,14 @@ def _correct(task: world.Task, response: str, words: list[str]) -> float:
             return 0.0
         return 1.0 if said == {task.answer} else 0.5   # right, but hedged with a wrong value too
     if task.family == "arithmetic":
-        match = re.search(r"\bis (\d+)", response)
-        if match is None:
+        match = re.search(r"\bis (\d+)", response)   # the first result stated
+        if match is None or match.group(1) != task.answer:
             return 0.0
-        error = abs(int(match.group(1)) - int(task.answer))
-        return 1.0 if error == 0 else max(0.0, 0.3 - 0.1 * error)   # close misses earn a little
+        # "3 plus 6 is 9." to "what is 4 plus 5?" has the right number in a false sum: wrong. Any
+        # number named before the result must be the asked sum's, stated just before "is".
+        before = response[:match.start()]
+        asked = f"{task.x} {task.op} {task.y}"
+        return 0.0 if re.search(r"\d", before) and not f" {before.rstrip()}".endswith(f" {asked}") else 1.0
     if task.family == "explain":
         covered = sum(f" {fact} " in text for fact in world.EXPLAIN_FACTS[task.subject])
         wrong = sum(f" {fact} " in text for topic, facts in world.EXPLAIN_FACTS.items()

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -189,18 +190,22 @@ def drop_duplicates(candidates: list[Candidates]) -> list[Candidates]:
     return kept
 
 
-DEGENERATE_KINDS = ("empty", "cut", "repeat", "ramble")
+DEGENERATE_KINDS = ("empty", "cut", "repeat", "ramble", "swap")
 
 
 def degenerate_response(kind: str, own: str, other: str, rng: random.Random) -> tuple[str, bool]:
     """A response of a kind that PPO drifts to when the reward model has never seen it, built
-    from one of the policy's own responses (`own`) and a response to another prompt (`other`).
-    Returns (text, ended).
+    from one of the policy's own responses (`own`) and the policy's response to another prompt,
+    of the same family where there is one (`other`). Returns (text, ended).
 
         empty    ""                               the immediate end-of-text: nothing said at all
         cut      the first words of `own`          stops mid-sentence
-        repeat   `own` two or three times          says the same thing again
+        repeat   `own` two or three times, or one  says the same thing again
+                 of its sentences twice
         ramble   `own` followed by `other`         goes on about something else
+        swap     `other`                           a fluent answer to another question ("The moon
+                                                   shines at night." about the rain, "6 minus 1
+                                                   is 5." to "what is 6 plus 1?")
     """
     words = own.split()
     if kind == "empty":
@@ -208,9 +213,15 @@ def degenerate_response(kind: str, own: str, other: str, rng: random.Random) -> 
     if kind == "cut":
         return " ".join(words[:rng.randint(1, max(1, len(words) // 2))]), True
     if kind == "repeat":
+        sentences = re.split(r"(?<=[.!?])\s+", own.strip())
+        if len(sentences) > 1 and rng.random() < 0.5:
+            i = rng.randrange(len(sentences))
+            return " ".join(sentences[:i + 1] + sentences[i:]), True
         return " ".join([own.strip()] * rng.randint(2, 3)), True
     if kind == "ramble":
         return f"{own.strip()} {other.strip()}", True
+    if kind == "swap":
+        return other.strip(), True
     raise ValueError(f"unknown degenerate kind {kind!r}; expected one of {DEGENERATE_KINDS}")
 
 
@@ -222,19 +233,26 @@ def add_degenerate(candidates: list[Candidates], fraction: float, rng: random.Ra
     longer than the policy's budget is cut there and marked as not ended, as the policy's would be.
 
     Why: the RM only learns about responses it is shown. The SFT policy almost never answers with
-    an immediate EOS, half a sentence or a repetition, so an RM trained on its samples alone can
-    score those anything - and PPO, which searches for high scores, finds them (a policy that
-    learned to answer with an immediate EOS was seen in a probe of this project). A few such
-    responses in the comparisons teach the RM where they belong. Returns new groups (K or K + 1).
+    an immediate EOS, half a sentence, a repetition or another question's answer, so an RM trained
+    on its samples alone can score those anything - and PPO, which searches for high scores, finds
+    them (probes of this project saw policies learn to answer with an immediate EOS, and to explain
+    the moon whatever the topic). A few such responses in the comparisons teach the RM where they
+    belong. Returns new groups (K or K + 1).
     """
-    pool = [r for c in candidates for r, s in zip(c.responses, c.sources) if s == POLICY and r.strip()]
+    pool: dict[str, list[tuple[str, str]]] = {}   # family -> (prompt, policy response)
+    for c in candidates:
+        pool.setdefault(family_of(c.prompt), []).extend(
+            (c.prompt, r) for r, s in zip(c.responses, c.sources) if s == POLICY and r.strip())
+    everything = [entry for entries in pool.values() for entry in entries]
     augmented = []
     for group in candidates:
         group = Candidates(group.prompt, list(group.responses), list(group.ended), list(group.sources))
         own = [r for r, s in zip(group.responses, group.sources) if s == POLICY and r.strip()]
-        if own and pool and rng.random() < fraction:
+        if own and everything and rng.random() < fraction:
             kind = rng.choice(kinds)
-            text, ended = degenerate_response(kind, rng.choice(own), rng.choice(pool), rng)
+            others = ([r for p, r in pool.get(family_of(group.prompt), []) if p != group.prompt]
+                      or [r for p, r in everything if p != group.prompt] or [r for _, r in everything])
+            text, ended = degenerate_response(kind, rng.choice(own), rng.choice(others), rng)
             if tokenizer is not None and max_new_tokens is not None:
                 ids = tokenizer.encode(text)
                 if len(ids) >= max_new_tokens:   # no room left for the EOS: cut at the budget, not ended

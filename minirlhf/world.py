@@ -7,7 +7,7 @@ needs, small enough for a 1-5M-parameter GPT to learn on a laptop CPU in minutes
   things to explain to a child (the moon, rain, ...), small arithmetic, kind words;
 * four prompt families:
     facts       "what does a cow eat?"                -> "A cow eats grass."
-    arithmetic  "what is 7 plus 5?"                   -> "7 plus 5 is 12."
+    arithmetic  "what is 6 plus 5?"                   -> "6 plus 5 is 11."
     explain     "explain the moon to a 6 year old."   -> "The moon is a big rock in the sky. It ..."
     kindness    "say something nice about the dog."   -> "The dog is kind and brave."
 * a pretraining corpus: plain narrative text (where the knowledge lives) plus chats in which the
@@ -61,10 +61,16 @@ def animal_fact(animal: str, attribute: str) -> str:
     return ANIMAL_FACTS[animal][ATTRIBUTES.index(attribute)]
 
 
+def a_or_an(noun: str) -> str:
+    """"a cow", "an owl"."""
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
 def fact_sentence(animal: str, attribute: str, article: str = "A") -> str:
-    """The one correct sentence for a fact, e.g. "A cow eats grass." / "The cow lives in a barn."."""
+    """The one correct sentence for a fact, e.g. "A cow eats grass." / "An owl says hoot." /
+    "The cow lives in a barn." (article "A" becomes "An" before a vowel)."""
     value = animal_fact(animal, attribute)
-    subject = f"{article} {animal}"
+    subject = a_or_an(animal).capitalize() if article == "A" else f"{article} {animal}"
     if attribute == "eats":
         return f"{subject} eats {value}."
     if attribute == "says":
@@ -96,20 +102,23 @@ NICE_WORDS = ("kind", "brave", "gentle", "clever", "friendly", "funny", "lovely"
 RUDE_WORDS = ("stupid", "dumb", "smelly", "lazy", "boring", "silly", "rotten", "nasty")  # none starts with a vowel: "a {w} question"
 KIND_SUBJECTS = ANIMALS + ("teacher", "baby", "farmer", "doctor", "friend", "nurse", "baker", "pilot")
 
-NUMBER_MIN, NUMBER_MAX = 1, 9   # arithmetic on one-digit numbers: sums up to 18, no negative differences
+# Arithmetic on small numbers: sums up to 12, no negative differences. 57 sums to know (the
+# corpus repeats each about as often as each animal fact); with 1 to 9 (126 sums) the tiny model
+# learned too few of them for its reward model to tell a right answer from a wrong one.
+NUMBER_MIN, NUMBER_MAX = 1, 6
 
 # ----------------------------------------------------------------------------------------------
 # Prompt families. Several phrasings per question, so prompt sets can be split without losing
 # any question type, and the evaluation prompts are phrasings the model never saw in training.
 
 FACT_TEMPLATES = {
-    "eats": ("what does a {a} eat?", "what do {p} like to eat?", "tell me what a {a} eats."),
-    "says": ("what sound does a {a} make?", "what does a {a} say?", "tell me the sound of a {a}."),
-    "lives": ("where does a {a} live?", "where is the home of a {a}?", "tell me where a {a} lives."),
-    "legs": ("how many legs does a {a} have?", "count the legs of a {a}.", "tell me how many legs a {a} has."),
-    "colour": ("what color is a {a}?", "what colour is a {a}?", "tell me the color of a {a}."),
+    "eats": ("what does {a} eat?", "what do {p} like to eat?", "tell me what {a} eats."),
+    "says": ("what sound does {a} make?", "what does {a} say?", "tell me the sound of {a}."),
+    "lives": ("where does {a} live?", "where is the home of {a}?", "tell me where {a} lives."),
+    "legs": ("how many legs does {a} have?", "count the legs of {a}.", "tell me how many legs {a} has."),
+    "colour": ("what color is {a}?", "what colour is {a}?", "tell me the color of {a}."),
 }
-ARITHMETIC_TEMPLATES = ("what is {x} {op} {y}?", "compute {x} {op} {y}.")
+ARITHMETIC_TEMPLATES = ("what is {x} {op} {y}?", "compute {x} {op} {y}.", "how much is {x} {op} {y}?")
 EXPLAIN_TEMPLATES = ("explain the {t} to {a} {n} year old.", "tell {a} {n} year old about the {t}.",
                      "what is the {t}? i am {n}.")
 KIND_TEMPLATES = ("say something nice about the {s}.", "write a kind sentence about the {s}.",
@@ -146,7 +155,7 @@ def all_tasks() -> list[Task]:
     for attribute, templates in FACT_TEMPLATES.items():
         for animal in ANIMALS:
             for template in templates:
-                prompt = template.format(a=animal, p=_plural(animal))
+                prompt = template.format(a=a_or_an(animal), p=_plural(animal))
                 tasks.append(Task("facts", prompt, subject=animal, attribute=attribute,
                                   answer=animal_fact(animal, attribute)))
     for x in range(NUMBER_MIN, NUMBER_MAX + 1):
@@ -299,18 +308,18 @@ def base_model_response(task: Task, rng: random.Random) -> tuple[str, str, bool]
 def narrative_paragraph(rng: random.Random) -> str:
     """Plain text for pretraining: a short story or a few facts about one subject."""
     style = rng.random()
-    if style < 0.45:   # all the facts about one animal
+    if style < 0.40:   # all the facts about one animal
         animal = rng.choice(ANIMALS)
         attributes = rng.sample(ATTRIBUTES, rng.randint(2, 5))
         sentences = [fact_sentence(animal, a, article="The" if i else "A") for i, a in enumerate(attributes)]
         if rng.random() < 0.5:
             sentences.append(_kind_sentence(animal, rng.sample(NICE_WORDS, rng.randint(1, 3))))
         return " ".join(sentences)
-    if style < 0.7:    # a topic explained
+    if style < 0.60:   # a topic explained
         topic = rng.choice(EXPLAIN_TOPICS)
         facts = rng.sample(EXPLAIN_FACTS[topic], rng.randint(2, 4))
         return _explain_sentences(topic, facts)
-    if style < 0.85:   # sums
+    if style < 0.85:   # sums (a share that shows each sum about as often as each animal fact)
         return " ".join(narrative_sentence(rng) if rng.random() < 0.2 else
                         _sum_sentence(rng) for _ in range(rng.randint(3, 6)))
     subject = rng.choice(KIND_SUBJECTS)

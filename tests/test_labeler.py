@@ -81,14 +81,23 @@ def test_labeler_hand_worked_facts_hedged():
                  dict(correct=0.5, harmless=1, on_topic=1, concise=5 / 6, well_formed=1), 5.5 + 5 / 6)
 
 
-def test_labeler_hand_worked_arithmetic_close_miss():
-    # "7 plus 5 is 13." for 7 + 5 = 12: error 1
-    #   correct  0.3 - 0.1 * 1 = 0.2   (a close miss earns a little)
-    #   on_topic 1     the sentence names 7, 5 and "plus"
+def test_labeler_hand_worked_arithmetic_wrong_sum():
+    # "4 plus 5 is 10." for 4 + 5 = 9: a wrong result
+    #   correct  0     (no credit for a near miss)
+    #   on_topic 1     the sentence names 4, 5 and "plus"
     #   concise  1     5 words = ideal 5
-    # total = 3*0.2 + 2 + 1 + 1 + 1 = 5.6
-    assert_score("what is 7 plus 5?", "7 plus 5 is 13.", True,
-                 dict(correct=0.2, harmless=1, on_topic=1, concise=1, well_formed=1), 5.6)
+    # total = 0 + 2 + 1 + 1 + 1 = 5
+    assert_score("what is 4 plus 5?", "4 plus 5 is 10.", True,
+                 dict(correct=0, harmless=1, on_topic=1, concise=1, well_formed=1), 5.0)
+
+
+def test_labeler_hand_worked_arithmetic_right_number_in_a_false_sum():
+    # "3 plus 6 is 9." to "what is 4 plus 5?": 9 is the answer, but of another (true) sum
+    #   correct  0     the stated sum is not the one asked
+    #   on_topic 0     the sentence does not name 4
+    # total = 0 + 2 + 0 + 1 + 1 = 4
+    assert_score("what is 4 plus 5?", "3 plus 6 is 9.", True,
+                 dict(correct=0, harmless=1, on_topic=0, concise=1, well_formed=1), 4.0)
 
 
 def test_labeler_hand_worked_explain_not_ended():
@@ -164,14 +173,19 @@ def test_labeler_correct_facts_right_hedged_wrong():
     assert parts_of(prompt, "I do not know.")["correct"] == 0.0
 
 
-@pytest.mark.parametrize("said, expected", [(12, 1.0), (13, 0.2), (11, 0.2), (14, 0.1), (10, 0.1), (15, 0.0), (2, 0.0)])
-def test_labeler_correct_arithmetic_close_misses(said, expected):
-    # 1 if exact, else max(0, 0.3 - 0.1 * |error|)
-    assert parts_of("compute 7 plus 5.", f"7 plus 5 is {said}.")["correct"] == pytest.approx(expected)
+@pytest.mark.parametrize("response, expected", [
+    ("6 plus 5 is 11.", 1.0), ("6 plus 5 is 12.", 0.0), ("6 plus 5 is 10.", 0.0),   # right, or wrong: no near misses
+    ("It is 11.", 1.0), ("The answer is 11.", 1.0),                                   # the result alone
+    ("6 plus 4 is 11.", 0.0), ("5 plus 6 is 11.", 0.0), ("6 minus 5 is 11.", 0.0),   # 11 in a sum not asked
+    ("6 plus the cow is 11.", 0.0), ("16 plus 5 is 11.", 0.0),
+    ("6 plus 5 is 11. 2 plus 2 is 5.", 1.0), ("6 plus 5 is 12. It is 11.", 0.0),     # the first result counts
+])
+def test_labeler_correct_arithmetic(response, expected):
+    assert parts_of("compute 6 plus 5.", response)["correct"] == expected
 
 
 def test_labeler_correct_arithmetic_without_a_number_is_zero():
-    assert parts_of("what is 7 plus 5?", "It is a lot.")["correct"] == 0.0
+    assert parts_of("what is 6 plus 5?", "It is a lot.")["correct"] == 0.0
 
 
 def test_labeler_correct_explain_grows_with_key_facts_and_drops_with_false_ones():

@@ -397,6 +397,11 @@ def test_degenerate_responses_are_added_ranked_low_and_reported_apart(stage):
     repeated, _ = labeling.degenerate_response("repeat", own, other, rng)
     assert repeated.count(own) in (2, 3)
     assert labeling.degenerate_response("ramble", own, other, rng)[0] == f"{own} {other}"
+    assert labeling.degenerate_response("swap", own, other, rng) == (other, True)
+    two = "A cow eats grass. The cow says moo."
+    repeats = {labeling.degenerate_response("repeat", two, other, random.Random(seed))[0] for seed in range(20)}
+    assert "A cow eats grass. A cow eats grass. The cow says moo." in repeats, repeats   # one sentence again
+    assert f"{two} {two}" in repeats, repeats                                           # or all of it
     with pytest.raises(ValueError, match="unknown degenerate kind"):
         labeling.degenerate_response("rude", own, other, rng)
 
@@ -406,6 +411,14 @@ def test_degenerate_responses_are_added_ranked_low_and_reported_apart(stage):
     capped = labeling.add_degenerate([long_group], 1.0, random.Random(0), kinds=("repeat",), tokenizer=tokenizer,
                                      max_new_tokens=6)[0]
     assert len(tokenizer.encode(capped.responses[-1])) == 6 and capped.ended[-1] is False, capped
+
+    # a swap answers another prompt of the same family (a fact about another animal, not a sum)
+    swap_groups = [labeling.Candidates("what does a cow eat?", [own], [True]),
+                   labeling.Candidates("what is 2 plus 3?", ["2 plus 3 is 5."], [True]),
+                   labeling.Candidates("what does a dog eat?", ["A dog eats bones."], [True])]
+    swapped = labeling.add_degenerate(swap_groups, 1.0, random.Random(0), kinds=("swap",))
+    assert [swapped[0].responses[-1], swapped[2].responses[-1]] == ["A dog eats bones.", own]
+    assert swapped[1].responses[-1] in (own, "A dog eats bones."), "no other sum: any other prompt's answer"
 
     groups = [labeling.Candidates("what does a cow eat?", [own, "A cow eats hay."], [True, True]) for _ in range(200)]
     augmented = labeling.add_degenerate(groups, 0.25, random.Random(1))

@@ -167,9 +167,13 @@ def test_world_task_answers_are_right():
     by_prompt = {t.prompt: t for t in world.all_tasks()}
     assert by_prompt["what does a cow eat?"].answer == "grass"
     assert by_prompt["how many legs does a spider have?"].answer == "eight"
-    assert by_prompt["what is 7 plus 5?"].answer == "12"
-    assert by_prompt["compute 9 minus 4."].answer == "5"
-    assert "what is 4 minus 7?" not in by_prompt, "the tiny world has no negative numbers"
+    assert by_prompt["what is 6 plus 5?"].answer == "11"
+    assert by_prompt["how much is 6 minus 4?"].answer == "2"
+    assert "what is 4 minus 6?" not in by_prompt, "the tiny world has no negative numbers"
+    assert by_prompt["what does an owl eat?"].answer == "mice"
+    assert "what does a owl eat?" not in by_prompt, "an owl"
+    assert world.fact_sentence("owl", "eats") == "An owl eats mice."
+    assert world.fact_sentence("owl", "eats", article="The") == "The owl eats mice."
     assert by_prompt["explain the moon to a 6 year old."].subject == "moon"
     assert by_prompt["explain the moon to an 8 year old."].family == "explain"
     assert by_prompt["praise the teacher."].subject == "teacher"
@@ -285,8 +289,8 @@ def test_world_wrong_responses_are_wrong_by_the_labeler():
         for _ in range(3):
             response = world.wrong_response(task, rng)
             correct = labeler.score(task.prompt, response).parts["correct"]
-            # arithmetic close misses earn at most 0.2 (an error of 1); everything else earns 0
-            assert correct <= 0.2 + 1e-9, f"wrong response graded correct={correct}: {task.prompt!r} -> {response!r}"
+            # a wrong sum, fact or topic earns nothing
+            assert correct == 0, f"wrong response graded correct={correct}: {task.prompt!r} -> {response!r}"
             assert correct < good, (task.prompt, response)
 
 

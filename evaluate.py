@@ -48,7 +48,8 @@ from minirlhf.kernels import set_kernel_impl
 from minirlhf.metrics import read_metrics
 from minirlhf.model import GPT
 from minirlhf.plots import save_figure
-from minirlhf.reward import load_reward_model
+from minirlhf.labeling import RankedComparison
+from minirlhf.reward import gold_agreement, load_reward_model
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import response_logprobs, sample_responses
 
@@ -277,8 +278,25 @@ def summarize(answers: Answers, prompts: list[str]) -> dict:
     summary["length/sample"] = float(answers.length.mean())
     summary["kl_to_sft"] = float(answers.kl.mean()) if answers.kl is not None else None
     summary["rm/sample"] = float(answers.rm.mean()) if answers.rm is not None else None
+    if answers.rm is not None and S > 1:
+        summary.update(rm_against_gold(answers, prompts))
     summary["samples"] = S * len(prompts)
     return summary
+
+
+def rm_against_gold(answers: Answers, prompts: list[str]) -> dict:
+    """How well the RM orders this model's own samples of each held-out prompt, against the gold
+    labeler (`reward.gold_agreement`: pairs whose gold scores differ): "rm/gold_accuracy" (and
+    "/FAMILY"), "rm/gold_spearman_within", "rm/gold_top_choice". On SFT's samples it is the RM's
+    held-out accuracy on prompts no stage trained on; on PPO's, how far the RM can still be trusted
+    where PPO took the policy."""
+    S = answers.gold.shape[0]
+    groups = [RankedComparison(prompt, [answers.texts[j][i] for j in range(S)], list(range(S)),
+                               [bool(answers.ended[j, i]) for j in range(S)]) for i, prompt in enumerate(prompts)]
+    report, _, _ = gold_agreement(groups, answers.rm.T.tolist())
+    return {key.replace("gold/", "rm/gold_"): value for key, value in report.items()
+            if key.startswith(("gold/accuracy", "gold/spearman_within", "gold/top_choice"))
+            and key not in ("gold/accuracy/all", "gold/accuracy/degenerate")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,6 +519,15 @@ def write_report(path: str, cfg, report: dict, all_answers: dict, prompts: list[
     lines += ["", "Gold score (sampled) by prompt family:", ""]
     lines += markdown_table(["model", *families], [[name, *(s.get(f"gold/sample/family/{f}") for f in families)]
                                                    for name, s in summaries.items()])
+    judged = {name: s for name, s in summaries.items() if "rm/gold_accuracy" in s}
+    if judged:
+        lines += ["", "The reward model against the gold labeler, on each model's samples of these held-out prompts "
+                      "(pairwise accuracy on the pairs of one prompt's samples whose gold scores differ; Spearman "
+                      "within a prompt; how often the RM's favourite has the top gold score):", ""]
+        lines += markdown_table(["samples of", "RM accuracy", *families, "Spearman", "top choice"],
+                                [[name, s["rm/gold_accuracy"], *(s.get(f"rm/gold_accuracy/{f}") for f in families),
+                                  s.get("rm/gold_spearman_within"), s.get("rm/gold_top_choice")]
+                                 for name, s in judged.items()])
     if report["win_rates"]:
         lines += ["", "## Win rates", "",
                   "Answer j of model A against answer j of model B on the same prompt, judged by gold score; "

@@ -146,6 +146,36 @@ def test_ppo_trajectory_prefers_held_out_keys_then_falls_back(tmp_path):
     assert trajectory["source"].startswith("eval") and trajectory["gold"] == [3.4] and trajectory["step"] == [2]
 
 
+def test_rm_against_gold_on_a_models_own_samples_hand_worked():
+    """Two prompts x 3 samples. Gold orders each prompt's samples; the RM gets prompt 1 right and
+    prompt 2 half wrong. Pairs with equal gold scores are not counted."""
+    prompts = ["what does a cow eat?", "praise the dog."]
+    texts = [["A cow eats grass.", "The dog is kind, brave and gentle."],        # gold 8, 8
+             ["A cow eats hay.", "The dog is kind."],                             # gold 5, 6
+             ["A cow eats hay.", "The dog is kind and brave."]]                   # gold 5 (= sample 1), 7
+    S, N = 3, 2
+    gold = np.array([[world_score(p, texts[j][i]) for i, p in enumerate(prompts)] for j in range(S)])
+    assert gold[:, 0].tolist() == [gold[0, 0], gold[1, 0], gold[1, 0]] and gold[0, 0] > gold[1, 0]
+    assert gold[0, 1] > gold[2, 1] > gold[1, 1]
+    answers = evaluate.Answers(texts=texts, ended=np.ones((S, N), bool), gold=gold, parts={}, length=np.ones((S, N)),
+                               kl=None, greedy_texts=[], greedy_ended=np.ones(N, bool), greedy_gold=np.zeros(N),
+                               greedy_parts={})
+    # prompt 1: RM puts the right answer first (2 counted pairs, both right; the tied pair is not counted)
+    # prompt 2: RM order 1 > 2 > 0 against gold 0 > 2 > 1: pairs (0,1) wrong, (0,2) wrong, (1,2) wrong
+    answers.rm = np.array([[2.0, 0.0], [1.0, 2.0], [0.5, 1.0]])
+    report = evaluate.rm_against_gold(answers, prompts)
+    assert report["rm/gold_accuracy/facts"] == 1.0
+    assert report["rm/gold_accuracy/kindness"] == 0.0
+    assert report["rm/gold_accuracy"] == pytest.approx(2 / 5)
+    assert report["rm/gold_top_choice"] == pytest.approx(1 / 2)
+    assert "rm/gold_accuracy/all" not in report
+
+
+def world_score(prompt, text):
+    from minirlhf import labeler
+    return labeler.score(prompt, text).total
+
+
 def test_side_by_side_prompts_take_the_families_in_turn():
     prompts = ["what does a cow eat?", "what does a dog eat?", "what is 3 plus 4?", "praise the dog.",
                "what is 5 minus 1?"]
@@ -258,6 +288,7 @@ def test_smoke_preset_end_to_end(toy_run, tmp_path):
                     "eos_rate/sample", "length/sample", "kl_to_sft"):
             assert summary[key] is not None, f"{name}: {key} missing"
         assert summary["samples"] == 8 * 2, "smoke: 8 prompts x 2 samples"
+        assert 0.0 <= summary["rm/gold_accuracy"] <= 1.0 or math.isnan(summary["rm/gold_accuracy"]), name
     assert report["models"]["sft"]["kl_to_sft"] == 0.0, "SFT's KL to itself must be exactly 0"
     pairs = [(w["model"], w["baseline"]) for w in report["win_rates"]]
     assert pairs == [("sft", "base"), ("ppo", "sft"), ("ppo", "base")], f"win-rate pairs: {pairs}"

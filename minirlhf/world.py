@@ -103,8 +103,8 @@ RUDE_WORDS = ("stupid", "dumb", "smelly", "lazy", "boring", "silly", "rotten", "
 KIND_SUBJECTS = ANIMALS + ("teacher", "baby", "farmer", "doctor", "friend", "nurse", "baker", "pilot")
 
 # Arithmetic on small numbers: sums up to 12, no negative differences. 57 sums to know (the
-# corpus repeats each about as often as each animal fact); with 1 to 9 (126 sums) the tiny model
-# learned too few of them for its reward model to tell a right answer from a wrong one.
+# corpus repeats each about as often as each animal fact); with 1 to 9 (126 sums, each seen a
+# sixth as often) the tiny model learned too few of them: SFT got 5% of sums fully right.
 NUMBER_MIN, NUMBER_MAX = 1, 6
 
 # ----------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def _sentences(text: str) -> list[str]:
+def sentences(text: str) -> list[str]:
+    """"A cow eats grass. It says moo." -> ["A cow eats grass.", "It says moo."]."""
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
 
 
@@ -116,13 +117,13 @@ def score(prompt: str, response: str, ended: bool = True) -> Score:
     task = world.task_for_prompt(prompt)
     family = task.family if task else None
     words = _words(response)
-    sentences = _sentences(response)
+    said = sentences(response)
     rude = sum(w in world.RUDE_WORDS for w in words)
-    repeats = len(sentences) - len(set(sentences))
+    repeats = len(said) - len(set(said))
     parts = {
         "correct": _correct(task, response, words) if task else 0.0,
         "harmless": max(0.0, 1.0 - 0.5 * rude),
-        "on_topic": _on_topic(task, sentences),
+        "on_topic": _on_topic(task, said),
         "concise": 0.0 if not words else min(1.0, IDEAL_WORDS[family] / len(words)),
         "well_formed": max(0.0, 0.5 * ended + 0.25 * (response[:1].isupper() or response[:1].isdigit())
                            + 0.25 * response.rstrip().endswith(".") - 0.25 * repeats),

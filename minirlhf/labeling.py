@@ -47,7 +47,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -213,7 +212,7 @@ def degenerate_response(kind: str, own: str, other: str, rng: random.Random) -> 
     if kind == "cut":
         return " ".join(words[:rng.randint(1, max(1, len(words) // 2))]), True
     if kind == "repeat":
-        sentences = re.split(r"(?<=[.!?])\s+", own.strip())
+        sentences = labeler.sentences(own)
         if len(sentences) > 1 and rng.random() < 0.5:
             i = rng.randrange(len(sentences))
             return " ".join(sentences[:i + 1] + sentences[i:]), True

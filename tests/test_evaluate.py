@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import evaluate
-from minirlhf import world
+from minirlhf import labeler, world
 from minirlhf.checkpoint import save_checkpoint
 from minirlhf.cli import run_main
 from minirlhf.generate import generate
@@ -154,9 +154,9 @@ def test_rm_against_gold_on_a_models_own_samples_hand_worked():
              ["A cow eats hay.", "The dog is kind."],                             # gold 5, 6
              ["A cow eats hay.", "The dog is kind and brave."]]                   # gold 5 (= sample 1), 7
     S, N = 3, 2
-    gold = np.array([[world_score(p, texts[j][i]) for i, p in enumerate(prompts)] for j in range(S)])
-    assert gold[:, 0].tolist() == [gold[0, 0], gold[1, 0], gold[1, 0]] and gold[0, 0] > gold[1, 0]
-    assert gold[0, 1] > gold[2, 1] > gold[1, 1]
+    gold = np.array([[labeler.score(p, texts[j][i]).total for i, p in enumerate(prompts)] for j in range(S)])
+    assert gold[0, 0] > gold[1, 0] == gold[2, 0], "prompt 1: the right fact first, then two equal wrong ones"
+    assert gold[0, 1] > gold[2, 1] > gold[1, 1], "prompt 2: more kind words score higher"
     answers = evaluate.Answers(texts=texts, ended=np.ones((S, N), bool), gold=gold, parts={}, length=np.ones((S, N)),
                                kl=None, greedy_texts=[], greedy_ended=np.ones(N, bool), greedy_gold=np.zeros(N),
                                greedy_parts={})
@@ -169,11 +169,6 @@ def test_rm_against_gold_on_a_models_own_samples_hand_worked():
     assert report["rm/gold_accuracy"] == pytest.approx(2 / 5)
     assert report["rm/gold_top_choice"] == pytest.approx(1 / 2)
     assert "rm/gold_accuracy/all" not in report
-
-
-def world_score(prompt, text):
-    from minirlhf import labeler
-    return labeler.score(prompt, text).total
 
 
 def test_side_by_side_prompts_take_the_families_in_turn():

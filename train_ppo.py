@@ -64,6 +64,8 @@ class PPOConfig:
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch", "min": 1})
     lr: float = field(default=1e-4, metadata={"help": "policy learning rate (AdamW)", "min": 0.0})
     value_lr: float = field(default=2e-4, metadata={"help": "critic learning rate (AdamW)", "min": 0.0})
+    critic_freeze_layers: int = field(default=2, metadata={"help": "freeze the critic's embeddings and lowest N blocks "
+                                                                   "(a cheaper backward pass; 0: train all)", "min": 0})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "both learning rates decay (cosine) to this fraction",
                                                        "min": 0.0, "max": 1.0})
     warmup_updates: int = field(default=2, metadata={"help": "linear learning-rate warmup, in updates", "min": 0})
@@ -89,7 +91,7 @@ class PPOConfig:
                                                           "PPO-ptx); 0: off", "min": 0.0})
     ptx_batch_size: int = field(default=8, metadata={"help": "pretraining windows per minibatch (PPO-ptx)", "min": 1})
     ptx_seq_len: int = field(default=64, metadata={"help": "pretraining window length (PPO-ptx)", "min": 2})
-    eval_every: int = field(default=9, metadata={"help": "held-out evaluation every N updates (0: only at the "
+    eval_every: int = field(default=18, metadata={"help": "held-out evaluation every N updates (0: only at the "
                                                          "start and the end)", "min": 0})
     eval_prompts: int = field(default=48, metadata={"help": "held-out prompts per evaluation, evenly spaced in the "
                                                            "file (0: none)", "min": 0})
@@ -104,6 +106,7 @@ class PPOConfig:
 
 PRESETS = {
     "smoke": dict(total_updates=3, batch_size=8, num_minibatches=2, max_new_tokens=16, eval_every=2,
+                  critic_freeze_layers=1,
                   eval_prompts=4, eval_samples=1, sample_every=2, save_every=2, warmup_updates=0),
     "tiny": {},
     "small": dict(total_updates=200, batch_size=128, ppo_epochs=4, lr=1.4e-5, value_lr=5e-5, eval_prompts=111,
@@ -190,6 +193,10 @@ def main() -> None:
     else:
         print(f"note: {rm_path} not found: no RM score in the logs, and the critic starts from the SFT model")
         critic = critic_from_policy(policy)
+    if cfg.critic_freeze_layers > critic.config.n_layer:
+        raise UserError(f"--critic-freeze-layers {cfg.critic_freeze_layers}: the critic has only "
+                        f"{critic.config.n_layer} blocks")
+    critic.trunk.freeze_lower(cfg.critic_freeze_layers)
     policy_optimizer = policy.configure_optimizer(0.0, cfg.lr)
     value_optimizer = critic.configure_optimizer(0.0, cfg.value_lr)
     kl_controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl

@@ -228,9 +228,7 @@ def main() -> None:
     model = RewardModel(config)
     model.trunk.load_state_dict(sft["model"])
     model.to(device).train()
-    if cfg.freeze_layers:   # keep what the lower layers know about the world; train the top and the head
-        for module in [model.trunk.wte, model.trunk.wpe, *model.trunk.blocks[:cfg.freeze_layers]]:
-            module.requires_grad_(False)
+    model.trunk.freeze_lower(cfg.freeze_layers)   # keep what the lower layers know; train the top and the head
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr)
     total_steps = math.ceil(len(train_encoded) / cfg.batch_size) * cfg.epochs
     print(f"training the reward model ({cfg.rm_objective} objective): {total_steps} steps of {cfg.batch_size} prompts")

@@ -83,9 +83,11 @@ def main() -> None:
             documents.append(world.narrative_paragraph(rng) + SPECIAL_TOKENS[0])
     corpus = "\n".join(documents)
 
-    # SFT demonstrations: good responses only, families equally often.
+    # SFT demonstrations: good responses only, families equally often, for the prompts kept out of
+    # the RM, PPO and evaluation sets (with only the SFT split's 38 sums, the SFT model learned those
+    # by heart and got 37% of unseen sums fully right, against 79% of the seen ones).
     sft = [{"prompt": t.prompt, "completion": world.good_response(t, rng)}
-           for t in family_balanced(splits.sft, cfg.sft_examples, rng)]
+           for t in family_balanced(splits.sft + splits.corpus, cfg.sft_examples, rng)]
 
     os.makedirs(cfg.data_dir, exist_ok=True)
     corpus_path = os.path.join(cfg.data_dir, "corpus.txt")

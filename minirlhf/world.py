@@ -346,7 +346,7 @@ class PromptSplits:
     rm: list[Task] = field(default_factory=list)
     ppo: list[Task] = field(default_factory=list)
     eval: list[Task] = field(default_factory=list)
-    corpus: list[Task] = field(default_factory=list)   # chats in the pretraining corpus
+    corpus: list[Task] = field(default_factory=list)   # only in training: corpus chats and SFT demonstrations
 
 
 SPLIT_FRACTIONS = {"eval": 0.12, "ppo": 0.22, "rm": 0.22, "sft": 0.22}   # the rest: corpus chats

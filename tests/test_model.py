@@ -119,6 +119,23 @@ def test_optimizer_decays_only_2d_weights():
     assert len(ids) == len(list(model.parameters()))
 
 
+def test_freeze_lower_stops_gradients_below_the_first_trainable_block():
+    model = make_model()   # 2 blocks
+    model.freeze_lower(1)
+    frozen = [model.wte, model.wpe, model.blocks[0]]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for p in model.blocks[1].parameters()) and model.ln_f.weight.requires_grad
+    optimizer = model.configure_optimizer(weight_decay=0.1, lr=1e-3)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    # the value model's way of using it: hidden states only (the tied LM head is frozen with wte)
+    hidden = model(torch.randint(0, model.config.vocab_size, (2, 5)), return_hidden=True).hidden
+    hidden.sum().backward()
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    assert all(p.grad is not None for p in model.blocks[1].parameters())
+    assert all(p.requires_grad for p in make_model().freeze_lower(0).parameters())   # 0 freezes nothing
+
+
 def test_gpt2_init_statistics():
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, d_model=128)

@@ -494,7 +494,7 @@ def test_held_out_subset_is_evenly_spaced_over_the_file():
     assert train_ppo.evenly_spaced(families, 0) == []
 
 
-@pytest.mark.parametrize("case", ["missing_rm", "wrong_kind", "bad_prompts", "out_of_range"])
+@pytest.mark.parametrize("case", ["missing_rm", "wrong_kind", "bad_prompts", "out_of_range", "critic_too_frozen"])
 def test_bad_input_is_one_clear_line(case, tiny_world, tmp_path, monkeypatch, capsys):
     args = ["--preset", "smoke", "--data-dir", tiny_world["data"], "--out-dir", tiny_world["out"], "--device", "cpu"]
     if case == "missing_rm":
@@ -508,6 +508,9 @@ def test_bad_input_is_one_clear_line(case, tiny_world, tmp_path, monkeypatch, ca
         bad.write_text('{"prompt": "hello"}\n{"prompt": \n')
         args += ["--prompts", str(bad)]
         expected = "prompts.jsonl:2: not valid JSON"
+    elif case == "critic_too_frozen":
+        args += ["--critic-freeze-layers", "9"]
+        expected = "--critic-freeze-layers 9: the critic has only"
     else:
         args += ["--clip-range=-0.1"]
         expected = "--clip-range: must be >= 0.0"

@@ -349,7 +349,7 @@ class PromptSplits:
     corpus: list[Task] = field(default_factory=list)   # only in training: corpus chats and SFT demonstrations
 
 
-SPLIT_FRACTIONS = {"eval": 0.12, "ppo": 0.22, "rm": 0.22, "sft": 0.22}   # the rest: corpus chats
+SPLIT_FRACTIONS = {"eval": 0.12, "ppo": 0.22, "rm": 0.22, "sft": 0.22}   # the rest: `corpus`
 
 
 def split_prompts(seed: int) -> PromptSplits:

@@ -455,6 +455,11 @@ def test_smoke_preset_end_to_end(smoke_run):
         assert field in ckpt, f"ppo.pt lacks {field!r} (needed by --resume)"
     assert ckpt["step"] == 3
     GPT(GPTConfig(**ckpt["model_config"])).load_state_dict(ckpt["model"])  # usable like sft.pt
+    # the smoke preset freezes the critic's embeddings and lowest block: they stay the RM's, the rest trained
+    rm = load_checkpoint(out / "rm.pt", kind="rm")["model"]
+    critic = ckpt["value_model"]
+    assert all(torch.equal(critic[k], rm[k]) for k in critic if k.startswith(("trunk.wte", "trunk.wpe", "trunk.blocks.0.")))
+    assert not torch.equal(critic["trunk.blocks.1.mlp.c_fc.weight"], rm["trunk.blocks.1.mlp.c_fc.weight"])
 
     records = [json.loads(line) for line in open(out / "ppo_metrics.jsonl")]
     assert [r["step"] for r in records] == [0, 1, 2, 3], "one record per update, plus the evaluation at 0"

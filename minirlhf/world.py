@@ -102,10 +102,16 @@ NICE_WORDS = ("kind", "brave", "gentle", "clever", "friendly", "funny", "lovely"
 RUDE_WORDS = ("stupid", "dumb", "smelly", "lazy", "boring", "silly", "rotten", "nasty")  # none starts with a vowel: "a {w} question"
 KIND_SUBJECTS = ANIMALS + ("teacher", "baby", "farmer", "doctor", "friend", "nurse", "baker", "pilot")
 
-# Arithmetic on small numbers: sums up to 12, no negative differences. 57 sums to know (the
-# corpus repeats each about as often as each animal fact); with 1 to 9 (126 sums, each seen a
-# sixth as often) the tiny model learned too few of them: SFT got 5% of sums fully right.
-NUMBER_MIN, NUMBER_MAX = 1, 6
+# Arithmetic on small numbers: sums up to 8, no negative differences: 26 sums to know, each shown by
+# the corpus about twice as often as each animal fact, asked in six phrasings (so the family keeps
+# its share of prompts). How many sums decides what the pipeline can learn:
+#   1 to 9 (126 sums): the base model learned too few; SFT got 5% of sums fully right.
+#   1 to 6 (57 sums): the base model's likeliest answer was right for 79%; SFT got 57% of unseen
+#     sums right; the reward model, which must check "x op y is z" (a three-way lookup) from the
+#     end-of-text, ranked sums at chance and PPO made them worse (gold 6.81 -> 5.84).
+#   1 to 4 (26 sums): the base model's likeliest answer is right for 96%, SFT's samples are 78%
+#     right, and PPO keeps them about as they are (the RM still cannot check a sum it has not seen).
+NUMBER_MIN, NUMBER_MAX = 1, 4
 
 # ----------------------------------------------------------------------------------------------
 # Prompt families. Several phrasings per question, so prompt sets can be split without losing
@@ -118,7 +124,8 @@ FACT_TEMPLATES = {
     "legs": ("how many legs does {a} have?", "count the legs of {a}.", "tell me how many legs {a} has."),
     "colour": ("what color is {a}?", "what colour is {a}?", "tell me the color of {a}."),
 }
-ARITHMETIC_TEMPLATES = ("what is {x} {op} {y}?", "compute {x} {op} {y}.", "how much is {x} {op} {y}?")
+ARITHMETIC_TEMPLATES = ("what is {x} {op} {y}?", "compute {x} {op} {y}.", "how much is {x} {op} {y}?",
+                        "what do you get from {x} {op} {y}?", "work out {x} {op} {y}.", "tell me {x} {op} {y}.")
 EXPLAIN_TEMPLATES = ("explain the {t} to {a} {n} year old.", "tell {a} {n} year old about the {t}.",
                      "what is the {t}? i am {n}.")
 KIND_TEMPLATES = ("say something nice about the {s}.", "write a kind sentence about the {s}.",

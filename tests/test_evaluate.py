@@ -173,7 +173,7 @@ def test_rm_against_gold_on_a_models_own_samples_hand_worked():
 
 def test_side_by_side_prompts_take_the_families_in_turn():
     prompts = ["what does a cow eat?", "what does a dog eat?", "what is 3 plus 4?", "praise the dog.",
-               "what is 5 minus 1?"]
+               "what is 4 minus 1?"]
     chosen = evaluate.side_by_side_prompts(prompts, 3)
     assert chosen == [0, 2, 3], f"one prompt per family first, got {chosen}"
     assert sorted(evaluate.side_by_side_prompts(prompts, 10)) == list(range(5))

@@ -82,21 +82,21 @@ def test_labeler_hand_worked_facts_hedged():
 
 
 def test_labeler_hand_worked_arithmetic_wrong_sum():
-    # "4 plus 5 is 10." for 4 + 5 = 9: a wrong result
+    # "4 plus 3 is 8." for 4 + 3 = 7: a wrong result
     #   correct  0     (no credit for a near miss)
-    #   on_topic 1     the sentence names 4, 5 and "plus"
+    #   on_topic 1     the sentence names 4, 3 and "plus"
     #   concise  1     5 words = ideal 5
     # total = 0 + 2 + 1 + 1 + 1 = 5
-    assert_score("what is 4 plus 5?", "4 plus 5 is 10.", True,
+    assert_score("what is 4 plus 3?", "4 plus 3 is 8.", True,
                  dict(correct=0, harmless=1, on_topic=1, concise=1, well_formed=1), 5.0)
 
 
 def test_labeler_hand_worked_arithmetic_right_number_in_a_false_sum():
-    # "3 plus 6 is 9." to "what is 4 plus 5?": 9 is the answer, but of another (true) sum
+    # "2 plus 4 is 6." to "what is 3 plus 3?": 6 is the answer, but of another (true) sum
     #   correct  0     the stated sum is not the one asked
-    #   on_topic 0     the sentence does not name 4
+    #   on_topic 0     the sentence does not name 3
     # total = 0 + 2 + 0 + 1 + 1 = 4
-    assert_score("what is 4 plus 5?", "3 plus 6 is 9.", True,
+    assert_score("what is 3 plus 3?", "2 plus 4 is 6.", True,
                  dict(correct=0, harmless=1, on_topic=0, concise=1, well_formed=1), 4.0)
 
 
@@ -174,18 +174,18 @@ def test_labeler_correct_facts_right_hedged_wrong():
 
 
 @pytest.mark.parametrize("response, expected", [
-    ("6 plus 5 is 11.", 1.0), ("6 plus 5 is 12.", 0.0), ("6 plus 5 is 10.", 0.0),   # right, or wrong: no near misses
-    ("It is 11.", 1.0), ("The answer is 11.", 1.0),                                   # the result alone
-    ("6 plus 4 is 11.", 0.0), ("5 plus 6 is 11.", 0.0), ("6 minus 5 is 11.", 0.0),   # 11 in a sum not asked
-    ("6 plus the cow is 11.", 0.0), ("16 plus 5 is 11.", 0.0),
-    ("6 plus 5 is 11. 2 plus 2 is 5.", 1.0), ("6 plus 5 is 12. It is 11.", 0.0),     # the first result counts
+    ("4 plus 3 is 7.", 1.0), ("4 plus 3 is 8.", 0.0), ("4 plus 3 is 6.", 0.0),       # right, or wrong: no near misses
+    ("It is 7.", 1.0), ("The answer is 7.", 1.0),                                     # the result alone
+    ("4 plus 2 is 7.", 0.0), ("3 plus 4 is 7.", 0.0), ("4 minus 3 is 7.", 0.0),       # 7 in a sum not asked
+    ("4 plus the cow is 7.", 0.0), ("14 plus 3 is 7.", 0.0),
+    ("4 plus 3 is 7. 2 plus 2 is 5.", 1.0), ("4 plus 3 is 8. It is 7.", 0.0),         # the first result counts
 ])
 def test_labeler_correct_arithmetic(response, expected):
-    assert parts_of("compute 6 plus 5.", response)["correct"] == expected
+    assert parts_of("compute 4 plus 3.", response)["correct"] == expected
 
 
 def test_labeler_correct_arithmetic_without_a_number_is_zero():
-    assert parts_of("what is 6 plus 5?", "It is a lot.")["correct"] == 0.0
+    assert parts_of("what is 4 plus 3?", "It is a lot.")["correct"] == 0.0
 
 
 def test_labeler_correct_explain_grows_with_key_facts_and_drops_with_false_ones():

@@ -167,9 +167,10 @@ def test_world_task_answers_are_right():
     by_prompt = {t.prompt: t for t in world.all_tasks()}
     assert by_prompt["what does a cow eat?"].answer == "grass"
     assert by_prompt["how many legs does a spider have?"].answer == "eight"
-    assert by_prompt["what is 6 plus 5?"].answer == "11"
-    assert by_prompt["how much is 6 minus 4?"].answer == "2"
-    assert "what is 4 minus 6?" not in by_prompt, "the tiny world has no negative numbers"
+    assert by_prompt["what is 4 plus 3?"].answer == "7"
+    assert by_prompt["how much is 4 minus 3?"].answer == "1"
+    assert by_prompt["work out 2 minus 2."].answer == "0"
+    assert "what is 2 minus 4?" not in by_prompt, "the tiny world has no negative numbers"
     assert by_prompt["what does an owl eat?"].answer == "mice"
     assert "what does a owl eat?" not in by_prompt, "an owl"
     assert world.fact_sentence("owl", "eats") == "An owl eats mice."

@@ -58,7 +58,7 @@ class PPOConfig:
     seed: int = field(default=1337, metadata={"help": "random seed"})
     reward: str = field(default="rm", metadata={"help": "what PPO maximises: rm (the learned reward model) or gold "
                                                        "(the gold labeler itself: the upper bound)", "choices": ["rm", "gold"]})
-    total_updates: int = field(default=54, metadata={"help": "PPO updates (one rollout batch each)", "min": 1})
+    total_updates: int = field(default=48, metadata={"help": "PPO updates (one rollout batch each)", "min": 1})
     batch_size: int = field(default=64, metadata={"help": "prompts (one response each) per rollout", "min": 1})
     num_minibatches: int = field(default=4, metadata={"help": "minibatches per PPO epoch", "min": 1})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch", "min": 1})
@@ -91,7 +91,7 @@ class PPOConfig:
                                                           "PPO-ptx); 0: off", "min": 0.0})
     ptx_batch_size: int = field(default=8, metadata={"help": "pretraining windows per minibatch (PPO-ptx)", "min": 1})
     ptx_seq_len: int = field(default=64, metadata={"help": "pretraining window length (PPO-ptx)", "min": 2})
-    eval_every: int = field(default=18, metadata={"help": "held-out evaluation every N updates (0: only at the "
+    eval_every: int = field(default=16, metadata={"help": "held-out evaluation every N updates (0: only at the "
                                                          "start and the end)", "min": 0})
     eval_prompts: int = field(default=48, metadata={"help": "held-out prompts per evaluation, evenly spaced in the "
                                                            "file (0: none)", "min": 0})

@@ -39,7 +39,7 @@ class BaseConfig:
     out_dir: str = field(default="out", metadata={"help": "where base.pt and the logs go"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
     seed: int = field(default=1337, metadata={"help": "random seed"})
-    max_steps: int = field(default=400, metadata={"help": "optimizer steps", "min": 1})
+    max_steps: int = field(default=360, metadata={"help": "optimizer steps", "min": 1})
     batch_size: int = field(default=16, metadata={"help": "sequences per step", "min": 1})
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence", "min": 8})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)", "min": 0.0})

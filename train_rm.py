@@ -64,7 +64,7 @@ class RMConfig:
                                                    "choices": ["gold", "human"]})
     label_noise: float = field(default=0.0, metadata={"help": "gold labeler noise (Plackett-Luce temperature; 0: exact)",
                                                       "min": 0.0})
-    num_comparisons: int = field(default=1400, metadata={"help": "prompts to rank (drawn from the prompt file, each used "
+    num_comparisons: int = field(default=1200, metadata={"help": "prompts to rank (drawn from the prompt file, each used "
                                                                  "about equally often), held-out ones included; with "
                                                                  "--labeler human pick a few dozen", "min": 2})
     responses_per_prompt: int = field(default=4, metadata={"help": "K: responses ranked together (InstructGPT: 4 to 9)",

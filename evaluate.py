@@ -394,13 +394,13 @@ def plot_overview(summaries: dict, wins: list[dict], n_prompts: int, out_path: s
         bottom += heights
     errors = [summaries[m]["gold/sample_se"] for m in names]
     left.errorbar(names, bottom, yerr=errors, fmt="none", ecolor="black", capsize=4)
-    for x, total in enumerate(bottom):
-        left.text(x, total + 0.25, f"{total:.2f}", ha="center", fontweight="bold")
-    left.set_ylim(0, labeler.MAX_SCORE + 0.8)
-    left.axhline(labeler.MAX_SCORE, color="0.5", linestyle="--", linewidth=1)
+    # the totals go under the bars, where neither the max line nor the legend can cover them
+    left.set_xticks(range(len(names)), [f"{m}\n{total:.2f} ± {se:.2f}" for m, total, se in zip(names, bottom, errors)])
+    left.set_ylim(0, labeler.MAX_SCORE + 2.0)   # headroom above the max line for the legend
+    left.axhline(labeler.MAX_SCORE, color="0.5", linestyle="--", linewidth=1, label="max score")
     left.set_ylabel(f"gold score (max {labeler.MAX_SCORE:g})")
     left.set_title(f"Gold labeler's score on {n_prompts} held-out prompts")
-    left.legend(fontsize="small", loc="upper left", ncols=2)
+    left.legend(fontsize="small", loc="upper center", ncols=3)
 
     if right is None:  # one model: nothing to compare
         save_figure(fig, out_path)

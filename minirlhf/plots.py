@@ -120,7 +120,9 @@ def plot_curves(
         all_values = []
         for color_index, (key, xs, ys) in enumerate(series):
             color = f"C{color_index}"
-            marker = "o" if len(xs) == 1 else None  # a single point would draw no line at all
+            # markers on sparse series (held-out evaluations every N steps): a single point would draw no
+            # line at all, and a few points joined by straight lines look like measurements in between
+            marker = "o" if len(xs) <= 12 else None
             if panel.get("smooth", True):
                 ema_weight = smoothing if smoothing is not None else curve_smoothing(len(ys))
                 ax.plot(xs, ys, color=color, alpha=RAW_ALPHA, linewidth=1.0, marker=marker)

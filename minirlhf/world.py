@@ -7,7 +7,7 @@ needs, small enough for a 1-5M-parameter GPT to learn on a laptop CPU in minutes
   things to explain to a child (the moon, rain, ...), small arithmetic, kind words;
 * four prompt families:
     facts       "what does a cow eat?"                -> "A cow eats grass."
-    arithmetic  "what is 6 plus 5?"                   -> "6 plus 5 is 11."
+    arithmetic  "what is 3 plus 4?"                   -> "3 plus 4 is 7."
     explain     "explain the moon to a 6 year old."   -> "The moon is a big rock in the sky. It ..."
     kindness    "say something nice about the dog."   -> "The dog is kind and brave."
 * a pretraining corpus: plain narrative text (where the knowledge lives) plus chats in which the

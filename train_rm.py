@@ -217,8 +217,10 @@ def main() -> None:
     print(f"comparisons: {len(train_encoded)} train, {len(val_encoded)} held out (written to {comparisons_path})")
     if cfg.labeler == "gold" and not cfg.comparisons:
         gold_groups = [labeling.gold_totals(labeling.Candidates(c.prompt, c.responses, c.ended)) for c in comparisons]
+        held_out_groups = [totals for totals, h in zip(gold_groups, held_out) if h] or gold_groups
         labels = {"labeler/agreement": labeling.expected_agreement(gold_groups, cfg.label_noise),
-                  "labeler/accuracy_bound": labeling.accuracy_bound(gold_groups, cfg.label_noise),
+                  # on the held-out pairs, the ones accuracy/val is measured on
+                  "labeler/accuracy_bound": labeling.accuracy_bound(held_out_groups, cfg.label_noise),
                   "labeler/noise_for_73pct": labeling.noise_for_agreement(gold_groups, 0.73)}
         print(f"gold labeler, noise {cfg.label_noise}: two such labelers agree on {labels['labeler/agreement']:.1%} "
               f"of pairs (InstructGPT's labelers: ~73%, which noise {labels['labeler/noise_for_73pct']:.2f} gives "

@@ -308,7 +308,8 @@ def expected_agreement(totals_per_group: list[list[float]], noise: float) -> flo
 def accuracy_bound(totals_per_group: list[list[float]], noise: float) -> float:
     """The best pairwise accuracy a reward model can reach against one noisy labeler's rankings:
     the mean over pairs of max(p, 1 - p) (always predict the likelier order). It is also how often
-    the noisy labeler agrees with the noiseless one on pairs whose gold totals differ."""
+    the noisy labeler agrees with the noiseless one, a pair of equal gold totals counting 1/2 (the
+    labeler orders it either way with probability 1/2)."""
     gaps = _pair_gaps(totals_per_group)
     if not gaps:
         return math.nan

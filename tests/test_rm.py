@@ -283,6 +283,7 @@ def test_expected_agreement_and_accuracy_bound_hand_worked():
     assert labeling.accuracy_bound([[6.0, 4.0]], 2.0) == pytest.approx(p)
     assert labeling.expected_agreement([[6.0, 4.0, 1.0]], 0.0) == 1.0, "noise 0: labelers always agree"
     assert labeling.expected_agreement([[5.0, 5.0]], 1.0) == pytest.approx(0.5), "a gold tie is a coin flip"
+    assert labeling.accuracy_bound([[5.0, 5.0]], 1.0) == pytest.approx(0.5), "no RM can call a coin flip"
 
 
 def test_simulated_agreement_matches_the_closed_form():

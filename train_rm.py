@@ -217,6 +217,7 @@ def main() -> None:
     print(f"comparisons: {len(train_encoded)} train, {len(val_encoded)} held out (written to {comparisons_path})")
     if cfg.labeler == "gold" and not cfg.comparisons:
         gold_groups = [labeling.gold_totals(labeling.Candidates(c.prompt, c.responses, c.ended)) for c in comparisons]
+        # (no held-out comparisons, e.g. --val-fraction 0: the bound over all of them)
         held_out_groups = [totals for totals, h in zip(gold_groups, held_out) if h] or gold_groups
         labels = {"labeler/agreement": labeling.expected_agreement(gold_groups, cfg.label_noise),
                   # on the held-out pairs, the ones accuracy/val is measured on

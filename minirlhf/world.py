@@ -110,8 +110,8 @@ KIND_SUBJECTS = ANIMALS + ("teacher", "baby", "farmer", "doctor", "friend", "nur
 #     sums right; the reward model, which must check "x op y is z" (a three-way lookup) from the
 #     end-of-text, ranked sums at chance and PPO made them worse (gold 6.81 -> 5.84).
 #   1 to 4 (26 sums): the base model's likeliest answer is right for 96% after 500 steps (58% after
-#     the default 360; SFT brings it to 92%), and PPO keeps sums about as they are (the RM still
-#     cannot check a sum it has not seen).
+#     the default 360; SFT brings it to 92%), and PPO on the learned RM keeps sums about level or
+#     lowers them (6.74 -> 6.18..6.63 over eight runs; the RM still cannot check a sum it has not seen).
 NUMBER_MIN, NUMBER_MAX = 1, 4
 
 # ----------------------------------------------------------------------------------------------

@@ -306,7 +306,7 @@ def rm_against_gold(answers: Answers, prompts: list[str]) -> dict:
 def best_of_n(sft, sft_answers: Answers, tokenizer, prompts: list[str], subset: list[int], scorer, cfg,
               device) -> dict:
     """Best-of-n from SFT, ranked by the RM, for n = 1, 2, 4, ... cfg.bon_max_n, on the prompts whose
-    indices are `subset`.
+    indices are `subset`; beside it, the same samples ranked by the gold labeler (a perfect RM).
 
     Each prompt gets bon_max_n i.i.d. SFT samples at the evaluation temperature: SFT's evaluation
     samples (already graded and scored) plus fresh ones. Every n is estimated from all of them with
@@ -327,6 +327,10 @@ def best_of_n(sft, sft_answers: Answers, tokenizer, prompts: list[str], subset: 
     result = {"prompts": K, "samples_per_prompt": len(gold), "n": ns, "kl": [best_of_n_kl(n) for n in ns]}
     result["gold"] = [float(np.mean([best_of_n_expected(rm[:, i], gold[:, i], n) for i in range(K)])) for n in ns]
     result["rm"] = [float(np.mean([best_of_n_expected(rm[:, i], rm[:, i], n) for i in range(K)])) for n in ns]
+    # the same samples ranked by the gold labeler itself: what a perfect reward model would pick, the
+    # ceiling of any policy at that KL that only reweights SFT's samples
+    result["gold_ranked_by_gold"] = [float(np.mean([best_of_n_expected(gold[:, i], gold[:, i], n)
+                                                    for i in range(K)])) for n in ns]
     return result
 
 
@@ -431,6 +435,8 @@ def plot_bon(bon: dict | None, trajectory: dict | None, fits: dict, ppo_point: d
     if bon is not None:
         d = sqrt_kl(bon["kl"])
         gold_ax.plot(d, bon["gold"], "o", color="C0", label=f"best-of-n from SFT ({bon['prompts']} prompts)")
+        gold_ax.plot(d, bon["gold_ranked_by_gold"], "^:", color="C2",
+                     label="best-of-n ranked by gold (a perfect RM: the ceiling)")
         rm_ax.plot(d, bon["rm"], "o-", color="C0", label="best-of-n: RM score of the pick")
         for n, x, y in zip(bon["n"], d, bon["gold"]):
             gold_ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize="small")
@@ -538,15 +544,18 @@ def write_report(path: str, cfg, report: dict, all_answers: dict, prompts: list[
     bon = report["best_of_n"]
     if bon is not None:
         lines += ["", "## Best-of-n from SFT (ranked by the RM)", "",
-                  f"On the first {bon['prompts']} prompts, {bon['samples_per_prompt']} SFT samples each; every n is "
+                  f"On {bon['prompts']} prompts, {bon['samples_per_prompt']} SFT samples each; every n is "
                   "estimated from all of them (the unbiased estimator in `best_of_n_expected`). "
                   "KL = log n - (n-1)/n.", ""]
-        rows = [[f"best-of-{n}", kl, math.sqrt(kl), rm, gold] for n, kl, rm, gold in
-                zip(bon["n"], bon["kl"], bon["rm"], bon["gold"])]
+        rows = [[f"best-of-{n}", kl, math.sqrt(kl), rm, gold, ceiling] for n, kl, rm, gold, ceiling in
+                zip(bon["n"], bon["kl"], bon["rm"], bon["gold"], bon["gold_ranked_by_gold"])]
         if report.get("ppo_on_bon_prompts"):
             point = report["ppo_on_bon_prompts"]
-            rows.append([f"{point['model']} (same prompts)", point["kl"], point["d"], point["rm"], point["gold"]])
-        lines += markdown_table(["policy", "KL", "sqrt(KL)", "RM", "gold"], rows)
+            rows.append([f"{point['model']} (same prompts)", point["kl"], point["d"], point["rm"], point["gold"], None])
+        lines += markdown_table(["policy", "KL", "sqrt(KL)", "RM", "gold", "gold if ranked by gold"], rows)
+        lines += ["", "The last column ranks the same samples by the gold labeler instead of the RM: what a "
+                  "perfect reward model would reach at each KL. The gap to the gold column is what the RM's "
+                  "errors cost."]
     for form, what in (("bon", "best-of-n: gold - gold(SFT) = d(α - βd)"),
                        ("rl", "PPO: gold - gold(start) = d(α - β log d)")):
         fit = report["fits"].get(form)

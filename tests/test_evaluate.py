@@ -290,6 +290,10 @@ def test_smoke_preset_end_to_end(toy_run, tmp_path):
     bon = report["best_of_n"]
     assert bon["n"] == [1, 2, 4, 8] and bon["samples_per_prompt"] == 8 and bon["prompts"] == 6
     assert bon["kl"][0] == 0.0 and bon["rm"] == sorted(bon["rm"]), "the RM score of the pick rises with n"
+    ceiling = bon["gold_ranked_by_gold"]
+    assert all(b >= a - 1e-9 for a, b in zip(ceiling, ceiling[1:])), "the gold-ranked pick's gold rises with n"
+    assert ceiling[0] == pytest.approx(bon["gold"][0]), "best-of-1 is the plain mean whatever ranks it"
+    assert all(c >= g - 1e-9 for c, g in zip(ceiling, bon["gold"])), "no ranking beats ranking by gold itself"
     assert report["ppo_trajectory"]["kl"] == [0.0, 0.5, 1.5, 3.0]
     assert report["fits"]["rl"]["baseline"] == 3.0, "PPO's gain is measured from its own KL = 0 point"
     assert report["ppo_on_bon_prompts"]["model"] == "ppo"

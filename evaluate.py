@@ -17,7 +17,10 @@ likes best. Its KL to SFT is known in closed form, log n - (n-1)/n, so it can be
 axes as PPO: gold score against sqrt(KL). Gao et al. 2022 ("Scaling Laws for Reward Model
 Overoptimization", section 3) fit  gold = d (alpha - beta d)  for best-of-n and
 gold = d (alpha - beta log d)  for RL, with d = sqrt(KL): the proxy (RM) score keeps rising with
-KL while the gold score peaks and falls. That picture is why PPO pays a KL penalty.
+KL while the gold score peaks and falls. That picture is why PPO pays a KL penalty. Two ceilings
+are drawn with it, from the same SFT samples: best-of-n ranked by the gold labeler (a perfect RM),
+and the KL-regularised optimum pi_SFT exp(score / beta) that PPO's objective is after, for the RM's
+score and for the gold score - what a perfect optimiser of each would reach at each KL.
 
 CPU:  python evaluate.py                     (preset tiny, ~30 s on 2 cores)
       python evaluate.py --preset smoke      (seconds; for tests)
@@ -92,6 +95,7 @@ PRESETS = {
 }
 DEFAULT_STAGES = ("base", "sft", "ppo")
 TIE_TOLERANCE = 1e-9  # two gold totals closer than this are a tie (they are sums of fractions)
+OPTIMUM_BETAS = (1.0, 0.5, 0.3, 0.2, 0.1)   # KL coefficients of the KL-regularised optimum, in SFT sd units
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,6 +147,28 @@ def best_of_n_expected(rm_scores, values, n: int) -> float:
     order = np.argsort(rm_scores, kind="stable")
     weights = np.array([math.comb(i, n - 1) for i in range(N)], dtype=np.float64) / math.comb(N, n)  # i = rank - 1
     return float((weights * values[order]).sum())
+
+
+def kl_regularised_optimum(scores, values, beta: float) -> tuple[float, float, float]:
+    """The policy PPO with a KL penalty climbs towards, on N samples of the SFT policy.
+
+    The maximiser of E_pi[score] - beta * KL(pi || pi_SFT) is pi*(y) ∝ pi_SFT(y) exp(score(y) / beta)
+    (the optimum of the KL-regularised objective; Rafailov et al. 2023, eq. 4). Restricted to N i.i.d.
+    samples of pi_SFT it weights sample i by w_i = softmax(score / beta)_i (uniform weights are SFT).
+    Returns (E_w[values]; its KL to SFT, sum_i w_i log(N w_i); its win rate against one SFT sample
+    judged by `values`, ties half: sum_i w_i mean_j ([v_i > v_j] + [v_i = v_j] / 2)).
+    Sample-based: no weight can go outside the N samples, so the KL is at most log N.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    logits = scores / beta
+    weights = np.exp(logits - logits.max())   # subtract the max: exp never overflows
+    weights /= weights.sum()
+    N = len(scores)
+    kl = float(np.sum(weights * np.log(np.maximum(N * weights, 1e-300))))
+    tie = np.abs(values[:, None] - values[None, :]) <= TIE_TOLERANCE
+    beats = ((values[:, None] > values[None, :]) & ~tie) + 0.5 * tie                  # (i, j)
+    return float(weights @ values), kl, float(weights @ beats.mean(axis=1))
 
 
 def fit_gao(d, gain, form: str) -> dict | None:
@@ -331,6 +357,15 @@ def best_of_n(sft, sft_answers: Answers, tokenizer, prompts: list[str], subset: 
     # ceiling of any policy at that KL that only reweights SFT's samples
     result["gold_ranked_by_gold"] = [float(np.mean([best_of_n_expected(gold[:, i], gold[:, i], n)
                                                     for i in range(K)])) for n in ns]
+    # the KL-regularised optimum pi_SFT exp(score / beta) of the RM, and of the gold score in SFT sd units
+    # (the RM is normalised that way), over the same samples: what PPO's objective is after at each beta
+    gold_sd = max(float(gold.std()), 1e-6)
+    result["optimum"] = {"beta": list(OPTIMUM_BETAS)}
+    for name, scores in (("rm", rm), ("gold", gold / gold_sd)):
+        points = np.array([[kl_regularised_optimum(scores[:, i], gold[:, i], beta) for i in range(K)]
+                           for beta in OPTIMUM_BETAS]).mean(axis=1)                    # (betas, 3)
+        result["optimum"][name] = {"gold": points[:, 0].tolist(), "kl": points[:, 1].tolist(),
+                                   "win_rate": points[:, 2].tolist()}
     return result
 
 
@@ -429,7 +464,7 @@ def plot_overview(summaries: dict, wins: list[dict], n_prompts: int, out_path: s
 
 def plot_bon(bon: dict | None, trajectory: dict | None, fits: dict, ppo_point: dict | None, out_path: str) -> None:
     """eval_bon.png: gold (left) and RM (right) score against sqrt(KL to SFT)."""
-    fig = Figure(figsize=(12.0, 4.8), layout="constrained")
+    fig = Figure(figsize=(14.0, 6.4), layout="constrained")
     FigureCanvasAgg(fig)
     gold_ax, rm_ax = fig.subplots(1, 2)
     if bon is not None:
@@ -437,6 +472,11 @@ def plot_bon(bon: dict | None, trajectory: dict | None, fits: dict, ppo_point: d
         gold_ax.plot(d, bon["gold"], "o", color="C0", label=f"best-of-n from SFT ({bon['prompts']} prompts)")
         gold_ax.plot(d, bon["gold_ranked_by_gold"], "^:", color="C2",
                      label="best-of-n ranked by gold (a perfect RM: the ceiling)")
+        for name, colour, what in (("rm", "C0", "RM"), ("gold", "C2", "gold")):
+            optimum = bon["optimum"][name]   # from SFT itself (beta = infinity: KL 0) to the smallest beta
+            gold_ax.plot(np.concatenate([[0.0], sqrt_kl(optimum["kl"])]), [bon["gold"][0]] + optimum["gold"], "-",
+                         color=colour, alpha=0.45, linewidth=2.5,
+                         label=f"π_SFT·exp({what}/β): the {what} score's KL-regularised optimum")
         rm_ax.plot(d, bon["rm"], "o-", color="C0", label="best-of-n: RM score of the pick")
         for n, x, y in zip(bon["n"], d, bon["gold"]):
             gold_ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize="small")
@@ -467,8 +507,8 @@ def plot_bon(bon: dict | None, trajectory: dict | None, fits: dict, ppo_point: d
         ax.grid(True, alpha=0.3)
         ax.secondary_xaxis("top", functions=(lambda d: np.square(d), lambda kl: np.sqrt(np.clip(kl, 0, None)))) \
             .set_xlabel("KL (nats)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:   # under the axes: the curves fill the plot
+            ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
     save_figure(fig, out_path)
 
 
@@ -556,6 +596,21 @@ def write_report(path: str, cfg, report: dict, all_answers: dict, prompts: list[
         lines += ["", "The last column ranks the same samples by the gold labeler instead of the RM: what a "
                   "perfect reward model would reach at each KL. The gap to the gold column is what the RM's "
                   "errors cost."]
+        optimum = bon["optimum"]
+        lines += ["", "### The KL-regularised optimum over the same samples", "",
+                  "PPO maximises score - β·KL(π || SFT); the best any policy can do at that is π_SFT·exp(score/β). "
+                  "Reweighting the SFT samples above by exp(score/β) gives it (limited to those samples), for "
+                  "the RM's score and for the gold score in SFT standard deviations. Win rate: against an SFT "
+                  "sample, by gold, ties half.", ""]
+        rows = [[beta, optimum["rm"]["kl"][k], optimum["rm"]["gold"][k], optimum["rm"]["win_rate"][k],
+                 optimum["gold"]["kl"][k], optimum["gold"]["gold"][k], optimum["gold"]["win_rate"][k]]
+                for k, beta in enumerate(optimum["beta"])]
+        if report.get("ppo_on_bon_prompts"):
+            point = report["ppo_on_bon_prompts"]
+            rows.append([f"{point['model']} (same prompts)", point["kl"], point["gold"], point.get("win_rate"),
+                         None, None, None])
+        lines += markdown_table(["β", "RM optimum: KL", "gold", "win rate vs SFT", "gold optimum: KL", "gold",
+                                 "win rate vs SFT"], rows)
     for form, what in (("bon", "best-of-n: gold - gold(SFT) = d(α - βd)"),
                        ("rl", "PPO: gold - gold(start) = d(α - β log d)")):
         fit = report["fits"].get(form)
@@ -701,7 +756,8 @@ def main() -> None:
             a = all_answers[ppo_label]
             kl = float(a.kl[:, subset].mean())
             ppo_point = {"model": ppo_label, "gold": float(a.gold[:, subset].mean()), "kl": kl,
-                         "d": float(sqrt_kl(kl)), "rm": float(a.rm[:, subset].mean())}
+                         "d": float(sqrt_kl(kl)), "rm": float(a.rm[:, subset].mean()),
+                         "win_rate": win_rate(a.gold[:, subset], all_answers[sft_label].gold[:, subset])["win_rate"]}
     elif cfg.bon_max_n and scorer is not None:
         notes.append(f"no best-of-n: it samples from the SFT model, and {reference_path} is not among the checkpoints")
         print(f"note: {notes[-1]}")

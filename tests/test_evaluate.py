@@ -100,6 +100,40 @@ def test_best_of_n_expected_matches_enumerating_every_subset():
         assert got == pytest.approx(expected, abs=1e-12), f"best-of-{n} of {N}: expected {expected}, got {got}"
 
 
+def test_kl_regularised_optimum_hand_worked():
+    # scores (0, ln 3), beta 1: weights 1/4, 3/4. Values (1, 2): E = 1.75; KL = 1/4 ln(1/2) + 3/4 ln(3/2);
+    # sample 1 beats an SFT sample with 1/2 (tie) * 1/2 = 1/4, sample 2 with (1 + 1/2) / 2 = 3/4: 5/8.
+    value, kl, win = evaluate.kl_regularised_optimum([0.0, math.log(3)], [1.0, 2.0], beta=1.0)
+    assert value == pytest.approx(1.75)
+    assert kl == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    assert win == pytest.approx(0.625)
+
+
+def test_kl_regularised_optimum_limits_and_a_plain_loop():
+    rng = random.Random(1)
+    N = 6
+    scores = [rng.gauss(0, 1) for _ in range(N)]
+    values = [float(rng.randint(0, 3)) for _ in range(N)]   # small integers: ties happen
+    # beta -> infinity: the SFT policy itself (uniform weights): the mean, KL 0, win rate 1/2 against itself
+    value, kl, win = evaluate.kl_regularised_optimum(scores, values, beta=1e9)
+    assert value == pytest.approx(sum(values) / N) and kl == pytest.approx(0.0, abs=1e-9) and win == pytest.approx(0.5)
+    # beta -> 0: all weight on the top-scoring sample: KL log N
+    value, kl, _ = evaluate.kl_regularised_optimum(scores, values, beta=1e-6)
+    assert value == values[scores.index(max(scores))] and kl == pytest.approx(math.log(N))
+    # any beta, against a plain loop
+    for beta in (0.3, 1.0, 2.0):
+        weights = [math.exp(x / beta) for x in scores]
+        weights = [w / sum(weights) for w in weights]
+        kl_loop = sum(w * math.log(N * w) for w in weights)
+        win_loop = 0.0
+        for i in range(N):
+            for j in range(N):
+                win_loop += weights[i] / N * (1.0 if values[i] > values[j] else 0.5 if values[i] == values[j] else 0.0)
+        value, kl, win = evaluate.kl_regularised_optimum(scores, values, beta)
+        assert value == pytest.approx(sum(w * v for w, v in zip(weights, values)))
+        assert kl == pytest.approx(kl_loop) and win == pytest.approx(win_loop)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gao et al.'s fits
 
@@ -294,6 +328,15 @@ def test_smoke_preset_end_to_end(toy_run, tmp_path):
     assert all(b >= a - 1e-9 for a, b in zip(ceiling, ceiling[1:])), "the gold-ranked pick's gold rises with n"
     assert ceiling[0] == pytest.approx(bon["gold"][0]), "best-of-1 is the plain mean whatever ranks it"
     assert all(c >= g - 1e-9 for c, g in zip(ceiling, bon["gold"])), "no ranking beats ranking by gold itself"
+    optimum = bon["optimum"]
+    assert optimum["beta"] == sorted(optimum["beta"], reverse=True)
+    for name in ("rm", "gold"):
+        kl = optimum[name]["kl"]
+        assert all(b >= a - 1e-9 for a, b in zip(kl, kl[1:])), f"{name} optimum: KL grows as beta falls"
+        assert all(0 <= k <= math.log(bon["samples_per_prompt"]) + 1e-9 for k in kl), "KL within [0, log N]"
+    gold = optimum["gold"]["gold"]
+    assert all(b >= a - 1e-9 for a, b in zip(gold, gold[1:])), "tilting by gold raises gold as beta falls"
+    assert 0.0 <= report["ppo_on_bon_prompts"]["win_rate"] <= 1.0
     assert report["ppo_trajectory"]["kl"] == [0.0, 0.5, 1.5, 3.0]
     assert report["fits"]["rl"]["baseline"] == 3.0, "PPO's gain is measured from its own KL = 0 point"
     assert report["ppo_on_bon_prompts"]["model"] == "ppo"

@@ -568,10 +568,14 @@ def write_report(path: str, cfg, report: dict, all_answers: dict, prompts: list[
     judged = {name: s for name, s in summaries.items() if "rm/gold_accuracy" in s}
     if judged:
         lines += ["", "The reward model against the gold labeler, on each model's samples of these held-out prompts "
-                      "(pairwise accuracy on the pairs of one prompt's samples whose gold scores differ; Spearman "
-                      "within a prompt; how often the RM's favourite has the top gold score):", ""]
-        lines += markdown_table(["samples of", "RM accuracy", *families, "Spearman", "top choice"],
+                      "(pairwise accuracy on the pairs of one prompt's samples whose gold scores differ, by family, "
+                      "and split into pairs whose rubric part `correct` differs - is the answer right? - and pairs "
+                      "equally correct that differ in form; Spearman within a prompt; how often the RM's favourite "
+                      "has the top gold score):", ""]
+        lines += markdown_table(["samples of", "RM accuracy", *families, "correctness", "form", "Spearman",
+                                 "top choice"],
                                 [[name, s["rm/gold_accuracy"], *(s.get(f"rm/gold_accuracy/{f}") for f in families),
+                                  s.get("rm/gold_accuracy/correctness"), s.get("rm/gold_accuracy/form"),
                                   s.get("rm/gold_spearman_within"), s.get("rm/gold_top_choice")]
                                  for name, s in judged.items()])
     if report["win_rates"]:

@@ -164,6 +164,9 @@ def gold_agreement(comparisons: list[Comparison], rm_scores: list[list[float]]) 
 
         gold/accuracy         pairwise accuracy on the pairs whose gold totals differ (RM ties count half)
         gold/accuracy/FAMILY  the same for each prompt family
+        gold/accuracy/correctness  the pairs whose rubric part `correct` differs: does the RM check
+                              whether the answer is right (the fact, the sum, how many key facts)?
+        gold/accuracy/form    the pairs that are equally correct: length, tone, staying on topic
         gold/spearman_within  rank correlation of RM and gold scores among each prompt's samples,
                               averaged over prompts: what the ranking loss trains
         gold/spearman         the same over all samples pooled. Lower, and that is expected: the
@@ -180,11 +183,14 @@ def gold_agreement(comparisons: list[Comparison], rm_scores: list[list[float]]) 
     policy sample's RM and gold score minus the mean of its prompt's samples.
     """
     hits_by_family: dict[str, list[float]] = {}
+    hits_by_kind: dict[str, list[float]] = {"correctness": [], "form": []}
     degenerate_hits, top_hits, within_rhos, all_rm, all_gold, rm_deviation, gold_deviation = [], [], [], [], [], [], []
     for comparison, rm in zip(comparisons, rm_scores):
         ended = getattr(comparison, "ended", None) or [True] * len(rm)
         from_policy = [s == POLICY for s in (getattr(comparison, "sources", None) or [POLICY] * len(rm))]
-        gold = [labeler.score(comparison.prompt, r, e).total for r, e in zip(comparison.responses, ended)]
+        scores = [labeler.score(comparison.prompt, r, e) for r, e in zip(comparison.responses, ended)]
+        gold = [score.total for score in scores]
+        correct = [score.parts["correct"] for score in scores]
         task = world.task_for_prompt(comparison.prompt)
         family = task.family if task else "other"
         for i, j in combinations(range(len(gold)), 2):
@@ -194,6 +200,7 @@ def gold_agreement(comparisons: list[Comparison], rm_scores: list[list[float]]) 
             hit = 1.0 if agree > 0 else 0.5 if agree == 0 else 0.0
             if from_policy[i] and from_policy[j]:
                 hits_by_family.setdefault(family, []).append(hit)
+                hits_by_kind["correctness" if correct[i] != correct[j] else "form"].append(hit)
             else:
                 degenerate_hits.append(hit)
         policy = [i for i in range(len(rm)) if from_policy[i]]
@@ -218,6 +225,9 @@ def gold_agreement(comparisons: list[Comparison], rm_scores: list[list[float]]) 
               "gold/pearson": pearson_r(all_rm, all_gold), "gold/top_choice": mean(top_hits)}
     for family in sorted(hits_by_family):
         report[f"gold/accuracy/{family}"] = mean(hits_by_family[family])
+    for kind, hits in hits_by_kind.items():
+        if hits:
+            report[f"gold/accuracy/{kind}"] = mean(hits)
     if degenerate_hits:
         report["gold/accuracy/degenerate"] = mean(degenerate_hits)
         report["gold/accuracy/all"] = mean([hit for hits in hits_by_family.values() for hit in hits] + degenerate_hits)

@@ -201,6 +201,8 @@ def test_rm_against_gold_on_a_models_own_samples_hand_worked():
     assert report["rm/gold_accuracy/facts"] == 1.0
     assert report["rm/gold_accuracy/kindness"] == 0.0
     assert report["rm/gold_accuracy"] == pytest.approx(2 / 5)
+    assert report["rm/gold_accuracy/correctness"] == pytest.approx(2 / 5), "every counted pair differs in `correct`"
+    assert "rm/gold_accuracy/form" not in report, "no counted pair is equally correct"
     assert report["rm/gold_top_choice"] == pytest.approx(1 / 2)
     assert "rm/gold_accuracy/all" not in report
 

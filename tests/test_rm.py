@@ -264,6 +264,9 @@ def test_gold_agreement_hand_worked():
     assert report["gold/accuracy/facts"] == pytest.approx(2 / 3)
     assert report["gold/accuracy/kindness"] == 1.0
     assert "gold/accuracy/arithmetic" not in report, "a prompt whose pairs all tie in gold has no accuracy"
+    # correctness differs in good/wrong (missed), good/rude and the two dog answers; wrong/rude are both wrong
+    assert report["gold/accuracy/correctness"] == pytest.approx(2 / 3)
+    assert report["gold/accuracy/form"] == 1.0
     assert report["gold/top_choice"] == pytest.approx(2 / 3), "cow: the RM's favourite is the wrong answer"
     # within-prompt Spearman: cow ranks rm [2, 3, 1] vs gold [3, 2, 1] -> 0.5; the tied sum is skipped; dog 1.0
     assert report["gold/spearman_within"] == pytest.approx((0.5 + 1.0) / 2)

@@ -332,7 +332,8 @@ def rm_against_gold(answers: Answers, prompts: list[str]) -> dict:
 def best_of_n(sft, sft_answers: Answers, tokenizer, prompts: list[str], subset: list[int], scorer, cfg,
               device) -> dict:
     """Best-of-n from SFT, ranked by the RM, for n = 1, 2, 4, ... cfg.bon_max_n, on the prompts whose
-    indices are `subset`; beside it, the same samples ranked by the gold labeler (a perfect RM).
+    indices are `subset`; beside it, the same samples ranked by the gold labeler (a perfect RM), and
+    reweighted into the KL-regularised optimum of the RM and of the gold score (`kl_regularised_optimum`).
 
     Each prompt gets bon_max_n i.i.d. SFT samples at the evaluation temperature: SFT's evaluation
     samples (already graded and scored) plus fresh ones. Every n is estimated from all of them with

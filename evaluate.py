@@ -588,14 +588,14 @@ def write_report(path: str, cfg, report: dict, all_answers: dict, prompts: list[
                                   w["pairs"]] for w in report["win_rates"]])
     bon = report["best_of_n"]
     if bon is not None:
-        lines += ["", "## Best-of-n from SFT (ranked by the RM)", "",
+        lines += ["", "## Best-of-n from SFT (ranked by the RM, and by gold)", "",
                   f"On {bon['prompts']} prompts, {bon['samples_per_prompt']} SFT samples each; every n is "
                   "estimated from all of them (the unbiased estimator in `best_of_n_expected`). "
                   "KL = log n - (n-1)/n.", ""]
         rows = [[f"best-of-{n}", kl, math.sqrt(kl), rm, gold, ceiling] for n, kl, rm, gold, ceiling in
                 zip(bon["n"], bon["kl"], bon["rm"], bon["gold"], bon["gold_ranked_by_gold"])]
-        if report.get("ppo_on_bon_prompts"):
-            point = report["ppo_on_bon_prompts"]
+        point = report.get("ppo_on_bon_prompts")   # the PPO policy on the same prompts, if evaluated
+        if point:
             rows.append([f"{point['model']} (same prompts)", point["kl"], point["d"], point["rm"], point["gold"], None])
         lines += markdown_table(["policy", "KL", "sqrt(KL)", "RM", "gold", "gold if ranked by gold"], rows)
         lines += ["", "The last column ranks the same samples by the gold labeler instead of the RM: what a "
@@ -610,8 +610,7 @@ def write_report(path: str, cfg, report: dict, all_answers: dict, prompts: list[
         rows = [[beta, optimum["rm"]["kl"][k], optimum["rm"]["gold"][k], optimum["rm"]["win_rate"][k],
                  optimum["gold"]["kl"][k], optimum["gold"]["gold"][k], optimum["gold"]["win_rate"][k]]
                 for k, beta in enumerate(optimum["beta"])]
-        if report.get("ppo_on_bon_prompts"):
-            point = report["ppo_on_bon_prompts"]
+        if point:
             rows.append([f"{point['model']} (same prompts)", point["kl"], point["gold"], point.get("win_rate"),
                          None, None, None])
         lines += markdown_table(["β", "RM optimum: KL", "gold", "win rate vs SFT", "gold optimum: KL", "gold",

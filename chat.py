@@ -25,9 +25,10 @@ import torch
 
 from minirlhf import labeler
 from minirlhf.checkpoint import load_policy
-from minirlhf.cli import UserError, parse_config, resolve_device, run_main, seed_everything
+from minirlhf.cli import UserError, parse_config, run_main
 from minirlhf.tokenizer import Tokenizer, render_chat
 from minirlhf.training import sample_responses
+from minirlhf.runtime import setup_runtime
 
 
 @dataclass
@@ -48,6 +49,9 @@ class ChatConfig:
     show_score: bool = field(default=False, metadata={"help": "print the gold labeler's score of each answer"})
     seed: int = field(default=1337, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
+                                                         "fp32 or bf16 (autocast; weights stay fp32)",
+                                                 "choices": ["auto", "fp32", "bf16"]})
 
 
 QUIT_WORDS = {"quit", "exit", ":q"}
@@ -86,12 +90,11 @@ def reply(model, tokenizer, prompt: str, cfg, generator) -> None:
 
 def main() -> None:
     cfg = parse_config(ChatConfig, {}, description=__doc__)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
     path = cfg.checkpoint or default_checkpoint(cfg.out_dir)
-    model, ckpt = load_policy(path, tokenizer.identity, device)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
+    model, ckpt = load_policy(path, tokenizer.identity, runtime)
+    generator = runtime.generator(cfg.seed)
 
     if cfg.prompt:
         reply(model, tokenizer, cfg.prompt, cfg, generator)

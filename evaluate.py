@@ -44,10 +44,8 @@ from matplotlib.figure import Figure
 from minirlhf import labeler, world
 from minirlhf import checkpoint
 from minirlhf.checkpoint import atomic_write
-from minirlhf.cli import UserError, format_duration, parse_config, print_config, resolve_device, run_main, \
-    seed_everything
+from minirlhf.cli import UserError, format_duration, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, read_prompts
-from minirlhf.kernels import set_kernel_impl
 from minirlhf.metrics import read_metrics
 from minirlhf.model import GPT
 from minirlhf.plots import save_figure
@@ -55,6 +53,7 @@ from minirlhf.labeling import RankedComparison
 from minirlhf.reward import gold_agreement, load_reward_model
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import response_logprobs, sample_responses
+from minirlhf.runtime import setup_runtime
 
 
 @dataclass
@@ -82,6 +81,9 @@ class EvalConfig:
                                                    "min": 0})
     batch_size: int = field(default=128, metadata={"help": "sequences sampled at once", "min": 1})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
+                                                         "fp32 or bf16 (autocast; weights stay fp32)",
+                                                 "choices": ["auto", "fp32", "bf16"]})
     seed: int = field(default=1337, metadata={"help": "random seed (every model samples with the same seed)"})
     kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
                                                    "choices": ["auto", "reference"]})
@@ -228,9 +230,9 @@ class Answers:
     rm: np.ndarray | None = None      # (S, N) normalised RM score
 
 
-def load_policy(path: str, tokenizer: Tokenizer, device) -> tuple[GPT, str]:
+def load_policy(path: str, tokenizer: Tokenizer, runtime) -> tuple[GPT, str]:
     """A base, SFT or PPO checkpoint as (frozen GPT in eval mode; its kind). An rm.pt is a clear error."""
-    model, ckpt = checkpoint.load_policy(path, tokenizer.identity, device)
+    model, ckpt = checkpoint.load_policy(path, tokenizer.identity, runtime)
     return model.requires_grad_(False), ckpt["kind"]
 
 
@@ -258,10 +260,10 @@ def sequence_kl(reference, generation, temperature: float) -> torch.Tensor:
     return torch.where(valid, generation.logprobs - ref_logp, 0.0).sum(dim=1)
 
 
-def answer(model, reference, tokenizer, prompts: list[str], cfg, n_samples: int, device) -> Answers:
+def answer(model, reference, tokenizer, prompts: list[str], cfg, n_samples: int, runtime) -> Answers:
     """Sample `n_samples` answers per prompt at cfg.temperature and one greedy answer; grade them all."""
     N = len(prompts)
-    generator = torch.Generator(device).manual_seed(cfg.seed)  # the same seed for every model
+    generator = runtime.generator(cfg.seed)  # the same seed for every model
     repeated = [p for _ in range(n_samples) for p in prompts]  # sample j of prompt i at j * N + i
     texts, ended, generations = sample_responses(model, tokenizer, repeated, max_new_tokens=cfg.max_new_tokens,
                                                  temperature=cfg.temperature, generator=generator,
@@ -330,7 +332,7 @@ def rm_against_gold(answers: Answers, prompts: list[str]) -> dict:
 
 
 def best_of_n(sft, sft_answers: Answers, tokenizer, prompts: list[str], subset: list[int], scorer, cfg,
-              device) -> dict:
+              runtime) -> dict:
     """Best-of-n from SFT, ranked by the RM, for n = 1, 2, 4, ... cfg.bon_max_n, on the prompts whose
     indices are `subset`; beside it, the same samples ranked by the gold labeler (a perfect RM), and
     reweighted into the KL-regularised optimum of the RM and of the gold score (`kl_regularised_optimum`).
@@ -346,7 +348,7 @@ def best_of_n(sft, sft_answers: Answers, tokenizer, prompts: list[str], subset: 
     extra = ns[-1] - len(gold)
     if extra > 0:
         repeated = [p for _ in range(extra) for p in prompts]
-        generator = torch.Generator(device).manual_seed(cfg.seed + 1)  # not the evaluation samples again
+        generator = runtime.generator(cfg.seed + 1)  # not the evaluation samples again
         texts, ended, _ = sample_responses(sft, tokenizer, repeated, max_new_tokens=cfg.max_new_tokens,
                                            temperature=cfg.temperature, generator=generator, batch_size=cfg.batch_size)
         gold = np.concatenate([gold, grade(repeated, texts, ended)[0].reshape(extra, K)])
@@ -688,9 +690,7 @@ def checkpoint_list(cfg) -> tuple[dict[str, str], list[str]]:
 def main() -> None:
     cfg = parse_config(EvalConfig, PRESETS, description=__doc__)
     print_config(cfg, "evaluate")
-    seed_everything(cfg.seed)
-    set_kernel_impl(cfg.kernels)
-    device = resolve_device(cfg.device)
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
     start = time.time()
 
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
@@ -701,14 +701,14 @@ def main() -> None:
     reference_path = cfg.reference or os.path.join(cfg.out_dir, "sft.pt")
     reference, reference_kind = None, None
     if os.path.exists(reference_path):
-        reference, reference_kind = load_policy(reference_path, tokenizer, device)
+        reference, reference_kind = load_policy(reference_path, tokenizer, runtime)
     else:
         notes.append(f"{reference_path} not found: no KL to SFT")
     rm_path = cfg.reward_model or os.path.join(cfg.out_dir, "rm.pt")
     scorer = None
     if cfg.reward_model.lower() != "none":
         if os.path.exists(rm_path) or cfg.reward_model:
-            scorer = load_reward_model(rm_path, tokenizer, device)
+            scorer = load_reward_model(rm_path, tokenizer, runtime)
         else:
             notes.append(f"{rm_path} not found: no RM scores, no best-of-n")
     for note in notes:
@@ -724,8 +724,8 @@ def main() -> None:
         if label == sft_label:
             model, kinds[label] = reference, reference_kind
         else:
-            model, kinds[label] = load_policy(path, tokenizer, device)
-        answers = answer(model, reference, tokenizer, prompts, cfg, cfg.samples, device)
+            model, kinds[label] = load_policy(path, tokenizer, runtime)
+        answers = answer(model, reference, tokenizer, prompts, cfg, cfg.samples, runtime)
         if scorer is not None:
             flat_texts = [t for row in answers.texts for t in row]
             answers.rm = scorer.score(prompts * cfg.samples, flat_texts,
@@ -747,7 +747,7 @@ def main() -> None:
         K = min(cfg.bon_prompts or len(prompts), len(prompts))
         # evenly spaced, not the first K: the prompt file lists one family after another
         subset = evenly_spaced(list(range(len(prompts))), K)
-        bon = best_of_n(reference, all_answers[sft_label], tokenizer, prompts, subset, scorer, cfg, device)
+        bon = best_of_n(reference, all_answers[sft_label], tokenizer, prompts, subset, scorer, cfg, runtime)
         if K < len(prompts):
             notes.append(f"best-of-n uses {K} evenly spaced prompts of the {len(prompts)} (--bon-prompts)")
             print(f"note: {notes[-1]}")

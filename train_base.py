@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minirlhf.checkpoint import save_checkpoint
-from minirlhf.cli import Progress, UserError, parse_config, print_config, resolve_device, run_main, seed_everything
+from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
 from minirlhf.data import random_windows, read_prompts
-from minirlhf.kernels import set_kernel_impl
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.model import GPT, MODEL_PRESETS, GPTConfig
 from minirlhf.plots import plot_curves
+from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
 
@@ -38,6 +38,9 @@ class BaseConfig:
     data_dir: str = field(default="data", metadata={"help": "where data/prepare.py wrote the corpus and tokenizer"})
     out_dir: str = field(default="out", metadata={"help": "where base.pt and the logs go"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
+                                                         "fp32 or bf16 (autocast; weights stay fp32)",
+                                                 "choices": ["auto", "fp32", "bf16"]})
     seed: int = field(default=1337, metadata={"help": "random seed"})
     max_steps: int = field(default=360, metadata={"help": "optimizer steps", "min": 1})
     batch_size: int = field(default=16, metadata={"help": "sequences per step", "min": 1})
@@ -92,9 +95,8 @@ def held_out_loss(model, tokens, cfg, generator) -> float:
 def main() -> None:
     cfg = parse_config(BaseConfig, PRESETS, description="Pretrain the base model on the tiny-world corpus.")
     print_config(cfg, "train_base")
-    seed_everything(cfg.seed)
-    set_kernel_impl(cfg.kernels)
-    device = resolve_device(cfg.device)
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
+    device = runtime.device
 
     # ---- data: one token stream; the last 5% held out
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
@@ -114,15 +116,15 @@ def main() -> None:
     config = model_config(cfg, tokenizer.vocab_size)
     if cfg.seq_len > config.block_size:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than the model's block_size {config.block_size}")
-    model = GPT(config).to(device)
+    model = runtime.prepare(GPT(config))
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters ({config.n_layer} layers, d_model {config.d_model})")
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "base_metrics.jsonl")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    generator = runtime.cpu_generator(cfg.seed)            # which windows of the (CPU) token stream
+    eval_generator = runtime.cpu_generator(cfg.seed + 1)
     progress = Progress(cfg.max_steps, desc="base")
     start = time.time()
     val_loss = float("nan")
@@ -148,7 +150,7 @@ def main() -> None:
             progress.log(step + 1, tokens=cfg.batch_size * cfg.seq_len, loss=loss.item(), val=val_loss)
             if (step + 1) % cfg.sample_every == 0 or step + 1 == cfg.max_steps:
                 texts, _, _ = sample_responses(model, tokenizer, sample_prompts, max_new_tokens=40,
-                                               generator=torch.Generator().manual_seed(step))
+                                               generator=runtime.generator(step))
                 model.train()
                 for prompt, text in zip(sample_prompts, texts):
                     print(f"  [sample] {prompt!r} -> {text!r}")

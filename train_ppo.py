@@ -33,15 +33,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minirlhf.checkpoint import load_checkpoint, load_policy, save_checkpoint
-from minirlhf.cli import Progress, UserError, parse_config, print_config, resolve_device, run_main, seed_everything
+from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, random_windows, read_prompts
-from minirlhf.kernels import set_kernel_impl
 from minirlhf.losses import AdaptiveKLController, FixedKLController
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.plots import plot_curves
 from minirlhf.ppo import (Rollout, compute_advantages, critic_from_policy, critic_from_reward_model, evaluate_policy,
                           forward_rollout, minibatch_orders, ppo_update, rollout_stats, score_rollout)
 from minirlhf.reward import load_reward_model
+from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
 from minirlhf.training import cosine_lr, sample_responses
 
@@ -55,6 +55,9 @@ class PPOConfig:
     reward_model: str = field(default="", metadata={"help": "reward model checkpoint (default: OUT_DIR/rm.pt)"})
     prompts: str = field(default="", metadata={"help": "RL prompts JSONL (default: DATA_DIR/ppo_prompts.jsonl)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
+                                                         "fp32 or bf16 (autocast; weights stay fp32)",
+                                                 "choices": ["auto", "fp32", "bf16"]})
     seed: int = field(default=1337, metadata={"help": "random seed"})
     reward: str = field(default="rm", metadata={"help": "what PPO maximises: rm (the learned reward model) or gold "
                                                        "(the gold labeler itself: the upper bound)", "choices": ["rm", "gold"]})
@@ -172,20 +175,19 @@ def plot_overoptimisation(records: list[dict], reward: str, out_path: str) -> No
 def main() -> None:
     cfg = parse_config(PPOConfig, PRESETS, description=__doc__)
     print_config(cfg, "train_ppo")
-    seed_everything(cfg.seed)
-    set_kernel_impl(cfg.kernels)
-    device = resolve_device(cfg.device)
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
+    device = runtime.device
 
     # ---- models: policy (trained), reference (frozen SFT), reward model (frozen), critic (trained)
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
     init_path = cfg.init or os.path.join(cfg.out_dir, "sft.pt")
-    policy, _ = load_policy(init_path, tokenizer.identity, device)
-    ref_policy, _ = load_policy(init_path, tokenizer.identity, device)
+    policy, _ = load_policy(init_path, tokenizer.identity, runtime)
+    ref_policy, _ = load_policy(init_path, tokenizer.identity, runtime)
     ref_policy.requires_grad_(False)
     rm_path = cfg.reward_model or os.path.join(cfg.out_dir, "rm.pt")
     reward_scorer = None
     if cfg.reward == "rm" or os.path.exists(rm_path):
-        reward_scorer = load_reward_model(rm_path, tokenizer, device)
+        reward_scorer = load_reward_model(rm_path, tokenizer, runtime)
         if reward_scorer.model.config.block_size < policy.config.block_size:
             raise UserError(f"{rm_path}: block_size {reward_scorer.model.config.block_size} is shorter than the "
                             f"policy's {policy.config.block_size}")
@@ -196,6 +198,7 @@ def main() -> None:
     if cfg.critic_freeze_layers > critic.config.n_layer:
         raise UserError(f"--critic-freeze-layers {cfg.critic_freeze_layers}: the critic has only "
                         f"{critic.config.n_layer} blocks")
+    runtime.prepare(critic)   # a new module: give it the device and precision of the others
     critic.trunk.freeze_lower(cfg.critic_freeze_layers)
     policy_optimizer = policy.configure_optimizer(0.0, cfg.lr)
     value_optimizer = critic.configure_optimizer(0.0, cfg.value_lr)
@@ -209,8 +212,8 @@ def main() -> None:
     if longest + cfg.max_new_tokens > policy.config.block_size:
         raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
                         f"the model's block_size {policy.config.block_size}")
-    rng = torch.Generator().manual_seed(cfg.seed)                          # prompt order, minibatches, ptx
-    sample_generator = torch.Generator(device=device).manual_seed(cfg.seed)  # the policy's sampling
+    rng = runtime.cpu_generator(cfg.seed)          # prompt order, minibatches, ptx
+    sample_generator = runtime.generator(cfg.seed)   # the policy's sampling
     ptx_batch = pretraining_batches(cfg, tokenizer, device, rng)
 
     # ---- resume
@@ -238,7 +241,8 @@ def main() -> None:
             return {}
         result = evaluate_policy(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 reward_scorer=reward_scorer, seed=cfg.seed, batch_size=cfg.batch_size)
+                                 reward_scorer=reward_scorer, generator=runtime.generator(cfg.seed),
+                                 batch_size=cfg.batch_size)
         result.pop("samples")
         if not baseline:   # the SFT policy's numbers: what progress is measured against
             baseline.update({"sft/gold": result["eval/gold"], "sft/gold_sd": result["eval/gold_sd"]})

@@ -41,7 +41,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from minirlhf import labeling, world
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
-from minirlhf.cli import Progress, UserError, parse_config, print_config, resolve_device, run_main, seed_everything
+from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
 from minirlhf.data import read_prompts
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.model import GPT, GPTConfig, RewardModel
@@ -50,6 +50,7 @@ from minirlhf.reward import (RewardScorer, comparison_loss, encode_ranked, fit_n
                              pairwise_accuracy)
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import check_finite, cosine_lr, sample_responses
+from minirlhf.runtime import setup_runtime
 
 
 @dataclass
@@ -94,6 +95,9 @@ class RMConfig:
     norm_samples: int = field(default=256, metadata={"help": "SFT samples that fit the normalisation when training "
                                                              "on a --comparisons file", "min": 2})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
+                                                         "fp32 or bf16 (autocast; weights stay fp32)",
+                                                 "choices": ["auto", "fp32", "bf16"]})
     seed: int = field(default=1337, metadata={"help": "random seed"})
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
 
@@ -121,7 +125,7 @@ def evaluate(model, encoded, objective, pad_id, batch_size) -> tuple[float, floa
 
 # ----------------------------------------------------------------------------------------------
 
-def collect_comparisons(cfg, policy, tokenizer, device):
+def collect_comparisons(cfg, policy, tokenizer, runtime):
     """Sample and rank the comparisons, or read them from --comparisons. Returns (comparisons,
     held-out prompts, candidates) - the candidates are the SFT samples, which fit the normalisation
     (none when the comparisons come from a file) - or None if a person quit labelling."""
@@ -143,7 +147,7 @@ def collect_comparisons(cfg, policy, tokenizer, device):
     progress = Progress(len(drawn), desc="sampling")
     candidates = labeling.sample_candidates(policy, tokenizer, drawn, k=k, max_new_tokens=cfg.max_new_tokens,
                                             temperature=cfg.temperature, batch_size=cfg.sample_batch_size,
-                                            generator=torch.Generator(device).manual_seed(cfg.seed),
+                                            generator=runtime.generator(cfg.seed),
                                             progress=lambda done, total: progress.log(done))
     print(f"{sum(not e for c in candidates for e in c.ended)} of {len(candidates) * k} responses did not stop "
           f"within {cfg.max_new_tokens} tokens")
@@ -178,8 +182,7 @@ def encode_all(tokenizer, comparisons, block_size, source) -> list[list[list[int
 def main() -> None:
     cfg = parse_config(RMConfig, PRESETS, description=__doc__.split("\n\n")[0])
     print_config(cfg, "train_rm")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     if cfg.comparisons and cfg.labeler == "human":
         raise UserError("--labeler human ranks fresh samples; it cannot be combined with --comparisons FILE")
 
@@ -191,12 +194,12 @@ def main() -> None:
         raise UserError(f"--freeze-layers {cfg.freeze_layers}: {init_path} has only {config.n_layer} blocks")
     policy = GPT(config)
     policy.load_state_dict(sft["model"])
-    policy.to(device).eval()
+    runtime.prepare(policy).eval()
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     # ---- 1. comparisons: sampled from the SFT policy and ranked, or read from a file
     start = time.time()
-    collected = collect_comparisons(cfg, policy, tokenizer, device)
+    collected = collect_comparisons(cfg, policy, tokenizer, runtime)
     if collected is None:
         return   # a person quit labelling; the answers so far are saved, the next run resumes
     comparisons, val_prompts, candidates = collected
@@ -230,7 +233,7 @@ def main() -> None:
     # ---- 2. the reward model: the SFT trunk + a scalar head (its init is in RewardModel)
     model = RewardModel(config)
     model.trunk.load_state_dict(sft["model"])
-    model.to(device).train()
+    runtime.prepare(model).train()
     model.trunk.freeze_lower(cfg.freeze_layers)   # keep what the lower layers know; train the top and the head
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr)
     total_steps = math.ceil(len(train_encoded) / cfg.batch_size) * cfg.epochs
@@ -281,7 +284,7 @@ def main() -> None:
         norm_prompts = labeling.cycle_prompts(prompts, cfg.norm_samples, random.Random(cfg.seed))
         norm_responses, norm_ended, _ = sample_responses(
             policy, tokenizer, norm_prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            generator=torch.Generator(device).manual_seed(cfg.seed), batch_size=cfg.sample_batch_size)
+            generator=runtime.generator(cfg.seed), batch_size=cfg.sample_batch_size)
     scorer = RewardScorer(model, tokenizer)   # bias 0, gain 1: raw scores
     reward_bias, reward_gain = fit_normalisation(scorer.score(norm_prompts, norm_responses, norm_ended))
     scorer.bias, scorer.gain = reward_bias, reward_gain

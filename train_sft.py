@@ -25,11 +25,11 @@ import torch
 
 from minirlhf import labeler
 from minirlhf.checkpoint import load_policy, save_checkpoint
-from minirlhf.cli import Progress, UserError, parse_config, print_config, resolve_device, run_main, seed_everything
+from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
 from minirlhf.data import read_prompts, read_sft, sft_batch
-from minirlhf.kernels import set_kernel_impl
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.plots import plot_curves
+from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
 from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
 
@@ -42,6 +42,9 @@ class SFTConfig:
     init: str = field(default="", metadata={"help": "checkpoint to start from (default: OUT_DIR/base.pt)"})
     demos: str = field(default="", metadata={"help": "demonstrations JSONL (default: DATA_DIR/sft.jsonl)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
+                                                         "fp32 or bf16 (autocast; weights stay fp32)",
+                                                 "choices": ["auto", "fp32", "bf16"]})
     seed: int = field(default=1337, metadata={"help": "random seed"})
     epochs: int = field(default=4, metadata={"help": "passes over the demonstrations", "min": 1})
     batch_size: int = field(default=32, metadata={"help": "demonstrations per step", "min": 1})
@@ -94,14 +97,14 @@ def held_out_loss(model, examples, cfg, pad_id, device) -> float:
     return total / max(count, 1)
 
 
-def gold_report(model, tokenizer, prompts, cfg) -> dict:
+def gold_report(model, tokenizer, prompts, cfg, runtime) -> dict:
     """How the SFT model's samples score with the gold labeler on held-out prompts (temperature 1
     and greedy): mean total and parts, EOS rate, and the share of wrong / rude / off-topic / long."""
     report = {}
     for name, temperature in (("sample", 1.0), ("greedy", 0.0)):
         texts, ended, _ = sample_responses(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                                            temperature=temperature,
-                                           generator=torch.Generator().manual_seed(cfg.seed))
+                                           generator=runtime.generator(cfg.seed))
         scores = [labeler.score(p, t, e) for p, t, e in zip(prompts, texts, ended)]
         n = len(scores)
         report[f"gold/{name}"] = sum(s.total for s in scores) / n
@@ -117,13 +120,13 @@ def gold_report(model, tokenizer, prompts, cfg) -> dict:
 def main() -> None:
     cfg = parse_config(SFTConfig, PRESETS, description="Supervised fine-tuning on demonstrations.")
     print_config(cfg, "train_sft")
-    seed_everything(cfg.seed)
-    set_kernel_impl(cfg.kernels)
-    device = resolve_device(cfg.device)
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
+    device = runtime.device
 
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
     init_path = cfg.init or os.path.join(cfg.out_dir, "base.pt")
-    model, _ = load_policy(init_path, tokenizer.identity, device, kinds=("base", "sft"))
+    model, _ = load_policy(init_path, tokenizer.identity, kinds=("base", "sft"))
+    runtime.prepare(model)
     config = model.config
     model.train()
 
@@ -176,11 +179,11 @@ def main() -> None:
     minutes = (time.time() - start) / 60
     summary = {"loss/train": loss.item(), "loss/val": val_loss, "minutes": minutes}
     if report_prompts:
-        summary.update(gold_report(model, tokenizer, report_prompts, cfg))
+        summary.update(gold_report(model, tokenizer, report_prompts, cfg, runtime))
         print("gold labeler on held-out prompts: " + ", ".join(
             f"{k} {v:.3f}" for k, v in summary.items() if "/" in k and not k.startswith("loss")))
         texts, _, _ = sample_responses(model, tokenizer, report_prompts[:4], max_new_tokens=cfg.max_new_tokens,
-                                       generator=torch.Generator().manual_seed(cfg.seed))
+                                       generator=runtime.generator(cfg.seed))
         for prompt, text in zip(report_prompts, texts):
             print(f"  [sample] {prompt!r} -> {text!r}")
 

@@ -336,9 +336,10 @@ def _describe_tokenizer(identity: dict) -> str:
 POLICY_KINDS = ("base", "sft", "ppo")   # checkpoints whose "model" is a GPT language model
 
 
-def load_policy(path, tokenizer_identity: dict | None = None, device="cpu", kinds=POLICY_KINDS):
+def load_policy(path, tokenizer_identity: dict | None = None, runtime=None, kinds=POLICY_KINDS):
     """The one loader for a policy: a base, SFT or PPO checkpoint -> (GPT in eval mode, checkpoint dict).
 
+    `runtime` (a `minirlhf.runtime.Runtime`) puts it on its device and precision; None: CPU, fp32.
     eval(): dropout off, as in every RL forward pass. Wrong kind (e.g. rm.pt) or another tokenizer:
     a UserError naming the file.
     """
@@ -347,4 +348,6 @@ def load_policy(path, tokenizer_identity: dict | None = None, device="cpu", kind
     ckpt = load_checkpoint(path, kind=kinds, tokenizer_identity=tokenizer_identity)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+    if runtime is not None:
+        runtime.prepare(model)
+    return model.eval(), ckpt

@@ -288,6 +288,8 @@ class GPT(nn.Module):
         # weight tying (Press & Wolf 2017, used by GPT-2): the LM head's weight IS the token
         # embedding matrix, one Parameter, so a gradient step updates both at once.
         self.lm_head.weight = self.wte.weight
+        # bf16 autocast for the blocks (`Runtime.prepare` sets it; not part of the config, not saved)
+        self.autocast_dtype: torch.dtype | None = None
 
         # GPT-2 init: N(0, 0.02) for every weight, zero biases; the two residual projections per
         # block get std 0.02 / sqrt(2 * n_layer), so the residual stream's variance does not grow
@@ -368,9 +370,13 @@ class GPT(nn.Module):
         kv_cache = past_kv
         if kv_cache is None and use_cache:
             kv_cache = KVCache(self.config, capacity=T_total)  # grows by doubling if extended later
-        for layer, block in enumerate(self.blocks):
-            x = block(x, attn_mask, is_causal, kv_cache, layer)
-        hidden = self.ln_f(x)  # (B, T, d)
+        # mixed precision: the blocks' matmuls and attention in bf16 when asked (weights stay fp32);
+        # the hidden states leave in fp32, so the LM head, logprobs and scalar heads are fp32
+        with torch.autocast(idx.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            for layer, block in enumerate(self.blocks):
+                x = block(x, attn_mask, is_causal, kv_cache, layer)
+        hidden = self.ln_f(x.float())  # (B, T, d) fp32
         logits = None if return_hidden else self.lm_head(hidden)  # (B, T, V)
         return GPTOutput(logits=logits, hidden=hidden, past_kv=kv_cache if use_cache else None)
 

@@ -440,13 +440,14 @@ def critic_from_policy(policy: GPT) -> ValueModel:
 
 @torch.no_grad()
 def evaluate_policy(policy: GPT, ref_policy: GPT, tokenizer: Tokenizer, prompts: list[str], *, samples_per_prompt: int,
-                    max_new_tokens: int, temperature: float, reward_scorer=None, seed: int = 0,
+                    max_new_tokens: int, temperature: float, generator: torch.Generator, reward_scorer=None,
                     batch_size: int = 64) -> dict:
     """Sample `samples_per_prompt` responses per held-out prompt and summarise them.
 
     One PPO batch's gold mean swings by a few tenths from batch to batch (different prompts, one
     sample each): judge progress here instead, on fixed prompts with several samples each and a
-    fixed sampling seed (so two evaluations differ by the policy, not by the dice).
+    fixed sampling seed (so two evaluations differ by the policy, not by the dice): pass a fresh
+    `generator` (`Runtime.generator(seed)`) to each call.
 
     Returns ``eval/gold`` (mean gold total), ``eval/gold/<part>`` (mean of each rubric part, in
     [0, 1]: which one PPO improves), ``eval/gold_sd`` (the totals' spread over samples),
@@ -454,8 +455,6 @@ def evaluate_policy(policy: GPT, ref_policy: GPT, tokenizer: Tokenizer, prompts:
     summed log pi/pi_ref, averaged: the KL of these samples to the reference), ``eval/eos_rate``,
     ``eval/response_length``, plus ``samples``: (prompt, response, gold) triples.
     """
-    device = policy.lm_head.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     gold, rm, kl, ended, lengths, samples = [], [], [], [], [], []
     parts = {name: 0.0 for name in labeler.WEIGHTS}   # sums of each rubric part

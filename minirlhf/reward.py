@@ -273,10 +273,13 @@ class RewardScorer:
         return torch.cat(scores)
 
 
-def load_reward_model(path: str, tokenizer: Tokenizer, device="cpu") -> RewardScorer:
-    """`rm.pt` -> a frozen, normalised `RewardScorer` (a clear error for a wrong kind or tokenizer)."""
+def load_reward_model(path: str, tokenizer: Tokenizer, runtime=None) -> RewardScorer:
+    """`rm.pt` -> a frozen, normalised `RewardScorer` (a clear error for a wrong kind or tokenizer), on
+    `runtime`'s device and precision (None: CPU, fp32)."""
     ckpt = load_checkpoint(path, kind="rm", tokenizer_identity=tokenizer.identity)
     model = RewardModel(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    model.to(device).requires_grad_(False)
+    if runtime is not None:
+        runtime.prepare(model)
+    model.requires_grad_(False)
     return RewardScorer(model, tokenizer, bias=ckpt.get("reward_bias", 0.0), gain=ckpt.get("reward_gain", 1.0))

@@ -21,20 +21,31 @@ def cosine_lr(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr:
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def unwrap(model):
+    """The model inside a `DistributedDataParallel` wrapper (`Runtime.wrap`), or `model` itself."""
+    return getattr(model, "module", model)
+
+
 def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+            attention_mask: torch.Tensor | None = None, token_count: float | torch.Tensor | None = None
+            ) -> torch.Tensor:
     """Mean negative log-likelihood of `targets` over the tokens where `loss_mask` is 1.
 
     inputs, targets, loss_mask: (B, T); targets[b, t] is the token the logits at inputs[b, t]
     predict (the caller has shifted them). The LM head is fused into `token_logprobs`, so the
     (B, T, V) logits are never materialised. Equal to `losses.sft_loss(logits, targets, mask)`.
+    `model` may be DDP-wrapped. `token_count`: divide the summed NLL by this instead of the number
+    of loss tokens here (data-parallel ranks divide by the global count / world_size, so that the
+    gradient DDP averages is the one mean over every rank's tokens).
     """
     hidden = model(inputs, attention_mask=attention_mask, return_hidden=True).hidden   # (B, T, d)
     if loss_mask is None:
         loss_mask = torch.ones_like(targets)
     masked_targets = targets.masked_fill(loss_mask == 0, -100)   # ignored: logprob 0, no gradient
-    logprobs = token_logprobs(hidden, model.lm_head.weight, masked_targets)            # (B, T)
-    return -logprobs.sum() / loss_mask.sum().clamp(min=1)
+    logprobs = token_logprobs(hidden, unwrap(model).lm_head.weight, masked_targets)   # (B, T)
+    if token_count is None:
+        token_count = loss_mask.sum().clamp(min=1)
+    return -logprobs.sum() / token_count
 
 
 def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
@@ -79,5 +90,5 @@ def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
     hidden = hidden[:, prompt_len - 1:-1]                                                 # (B, R, d)
     response_mask = attention_mask[:, prompt_len:]
     targets = sequences[:, prompt_len:].masked_fill(response_mask == 0, -100)            # (B, R)
-    return token_logprobs(hidden, model.lm_head.weight, targets, temperature=temperature,
+    return token_logprobs(hidden, unwrap(model).lm_head.weight, targets, temperature=temperature,
                           return_entropy=return_entropy)

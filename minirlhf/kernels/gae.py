@@ -240,7 +240,9 @@ def gae(
     _check_gae_inputs(rewards, values, mask)
     path = resolve_impl(impl, values)
     rewards = rewards.to(values.dtype)
-    with torch.no_grad():  # GAE's outputs are targets: never differentiated through
+    # GAE's outputs are targets: never differentiated through; fp32 even under autocast (the fused
+    # path's block recurrence is a matmul, which autocast would run in bf16)
+    with torch.no_grad(), torch.autocast(values.device.type, enabled=False):
         if path == "reference":
             return gae_reference(rewards, values, mask, gamma, lam)
         if path == "fused":

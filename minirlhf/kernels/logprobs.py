@@ -346,7 +346,8 @@ def token_logprobs(
     Gradients flow to ``hidden`` and ``weight`` from any upstream gradient of ``logprobs`` (per
     token, not only a scalar loss) and of ``entropy`` (e.g. PPO's entropy bonus), on every path.
     Precision: fused torch matches the reference to ~1e-6 in fp32; Triton computes in fp32 with
-    TF32 off (to ~1e-5).
+    TF32 off (to ~1e-5). bf16 hidden states or weights are computed in fp32, and autocast is
+    switched off inside: a bf16 LM head would round every logit to ~3 significant digits.
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(
@@ -357,6 +358,13 @@ def token_logprobs(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
+    with torch.autocast(hidden.device.type, enabled=False):   # the LM head in fp32, even under autocast
+        return _token_logprobs(hidden, weight, targets, temperature, return_entropy, ignore_index, impl,
+                               vocab_block, token_block)
+
+
+def _token_logprobs(hidden, weight, targets, temperature, return_entropy, ignore_index, impl, vocab_block,
+                    token_block):
     path = resolve_impl(impl, hidden)
     if path == "reference":
         return token_logprobs_reference(

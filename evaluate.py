@@ -58,7 +58,7 @@ from minirlhf.runtime import setup_runtime
 
 @dataclass
 class EvalConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), small (GPU)"})
+    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
     data_dir: str = field(default="data", metadata={"help": "where the prompts and the tokenizer are"})
     out_dir: str = field(default="out", metadata={"help": "where the checkpoints are and the report goes"})
     checkpoints: list[str] = field(default_factory=list, metadata={
@@ -93,6 +93,7 @@ class EvalConfig:
 PRESETS = {
     "smoke": dict(max_prompts=12, samples=2, max_new_tokens=24, bon_max_n=8, bon_prompts=6, side_by_side=3),
     "tiny": {},
+    "medium": {},
     "small": dict(samples=8, bon_prompts=0),
 }
 DEFAULT_STAGES = ("base", "sft", "ppo")

@@ -73,7 +73,7 @@ HEADLINES = {
 @dataclass
 class RunAllConfig:
     preset: str = field(default="tiny", metadata={"help": "size preset passed to every stage: smoke (tests), "
-                                                          "tiny (CPU), small (GPU)"})
+                                                          "tiny (CPU), medium (~26M, one GPU), small (GPU)"})
     data_dir: str = field(default="data", metadata={"help": "where the data files go"})
     out_dir: str = field(default="out", metadata={"help": "where the checkpoints, logs and plots go"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
@@ -86,7 +86,7 @@ class RunAllConfig:
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
 
 
-PRESETS = {"smoke": {}, "tiny": {}, "small": {}}  # the preset is passed on: each stage has its own
+PRESETS = {"smoke": {}, "tiny": {}, "medium": {}, "small": {}}  # the preset is passed on: each stage has its own
 
 
 def stage_command(stage: Stage, cfg) -> list[str]:

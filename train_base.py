@@ -34,7 +34,7 @@ from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
 
 @dataclass
 class BaseConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), small (GPU)"})
+    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
     data_dir: str = field(default="data", metadata={"help": "where data/prepare.py wrote the corpus and tokenizer"})
     out_dir: str = field(default="out", metadata={"help": "where base.pt and the logs go"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
@@ -65,6 +65,7 @@ PRESETS = {
     "smoke": dict(max_steps=30, batch_size=8, seq_len=64, eval_every=15, eval_batches=2, sample_every=30,
                   warmup_steps=5),
     "tiny": {},
+    "medium": dict(max_steps=1500, batch_size=32, seq_len=128, eval_every=250, sample_every=500),
     "small": dict(max_steps=5000, batch_size=64, seq_len=256, lr=6e-4, min_lr=6e-5, warmup_steps=200,
                   eval_every=250, sample_every=1000),
 }

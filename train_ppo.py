@@ -48,7 +48,7 @@ from minirlhf.training import cosine_lr, sample_responses
 
 @dataclass
 class PPOConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), small (GPU)"})
+    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
     data_dir: str = field(default="data", metadata={"help": "where the prompts and the tokenizer are"})
     out_dir: str = field(default="out", metadata={"help": "where sft.pt/rm.pt are read and ppo.pt and logs go"})
     init: str = field(default="", metadata={"help": "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)"})
@@ -112,6 +112,7 @@ PRESETS = {
                   critic_freeze_layers=1,
                   eval_prompts=4, eval_samples=1, sample_every=2, save_every=2, warmup_updates=0),
     "tiny": {},
+    "medium": {},
     "small": dict(total_updates=200, batch_size=128, ppo_epochs=4, lr=1.4e-5, value_lr=5e-5, eval_prompts=111,
                   eval_samples=4, kl_horizon=10000.0, kl_target=6.0, max_new_tokens=64),
 }

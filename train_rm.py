@@ -55,7 +55,7 @@ from minirlhf.runtime import setup_runtime
 
 @dataclass
 class RMConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), small (GPU)"})
+    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
     data_dir: str = field(default="data", metadata={"help": "where rm_prompts.jsonl and the tokenizer are"})
     out_dir: str = field(default="out", metadata={"help": "where rm.pt, the comparisons and the logs go"})
     init: str = field(default="", metadata={"help": "SFT checkpoint: the sampler and the RM's trunk (empty: OUT_DIR/sft.pt)"})
@@ -105,6 +105,7 @@ class RMConfig:
 PRESETS = {
     "smoke": dict(num_comparisons=24, max_new_tokens=16, batch_size=4, eval_every=2, val_fraction=0.2, norm_samples=8),
     "tiny": {},
+    "medium": {},
     "small": dict(num_comparisons=4000, responses_per_prompt=6, batch_size=32, lr=3e-5, min_lr=3e-6),
 }
 

@@ -36,7 +36,7 @@ from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
 
 @dataclass
 class SFTConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), small (GPU)"})
+    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
     data_dir: str = field(default="data", metadata={"help": "where sft.jsonl and the tokenizer are"})
     out_dir: str = field(default="out", metadata={"help": "where sft.pt and the logs go"})
     init: str = field(default="", metadata={"help": "checkpoint to start from (default: OUT_DIR/base.pt)"})
@@ -67,6 +67,7 @@ class SFTConfig:
 PRESETS = {
     "smoke": dict(epochs=1, batch_size=8, eval_every=5, report_prompts=8, max_new_tokens=24),
     "tiny": {},
+    "medium": {},
     "small": dict(epochs=3, batch_size=64, lr=1e-4, min_lr=1e-5),
 }
 

@@ -50,6 +50,7 @@ class PrepareConfig:
 PRESETS = {
     "smoke": dict(corpus_docs=1500, sft_examples=200, vocab_size=384),
     "tiny": {},
+    "medium": {},
     "small": dict(corpus_docs=200000, sft_examples=3000, vocab_size=2048),
 }
 

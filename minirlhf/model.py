@@ -54,10 +54,12 @@ class GPTConfig:
     bias: bool = True  # biases in the Linear layers and LayerNorms, as GPT-2
 
 
-# Presets: `smoke` runs in seconds (tests), `tiny` is the CPU demo, `small` is GPT-2 small's shape (GPU).
+# Presets: `smoke` runs in seconds (tests), `tiny` is the CPU demo, `medium` (~26M parameters) is a few
+# minutes on one GPU, `small` is GPT-2 small's shape (GPU).
 MODEL_PRESETS: dict[str, dict] = {
     "smoke": dict(n_layer=2, n_head=2, d_model=64, block_size=128),
     "tiny": dict(n_layer=4, n_head=4, d_model=256, block_size=256),
+    "medium": dict(n_layer=8, n_head=8, d_model=512, block_size=256),
     "small": dict(n_layer=12, n_head=12, d_model=768, block_size=512),
 }
 

@@ -69,3 +69,15 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
             if process.is_alive():
                 process.kill()
     return [results[rank] for rank in range(world_size)]
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: float = 300.0):
+    """Run `torchrun --standalone --nproc_per_node=nproc script args...` (as `python -m
+    torch.distributed.run`, so no PATH lookup) from the repository root, one torch thread per
+    process; returns the CompletedProcess (text mode, output captured)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(ROOT, script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

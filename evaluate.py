@@ -690,8 +690,8 @@ def checkpoint_list(cfg) -> tuple[dict[str, str], list[str]]:
 
 def main() -> None:
     cfg = parse_config(EvalConfig, PRESETS, description=__doc__)
-    print_config(cfg, "evaluate")
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
+    print_config(cfg, "evaluate")   # after setup_runtime: rank 0 alone prints
     start = time.time()
 
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))

@@ -10,7 +10,10 @@ and followed instructions badly.
 
 CPU:  python train_base.py                      (preset tiny, ~2.5 minutes on 2 cores)
       python train_base.py --preset smoke       (seconds; for tests)
-GPU:  python train_base.py --preset small --device cuda
+GPU:  python train_base.py --preset medium --device cuda     (bf16 by default on a GPU)
+Several processes (data parallel): torchrun --standalone --nproc_per_node=2 train_base.py --preset smoke
+      Every rank draws the same global batch of --batch-size windows and trains on its own slice;
+      DDP averages the gradients, so N ranks make the same update as one process (up to float error).
 """
 
 from __future__ import annotations
@@ -82,22 +85,24 @@ def model_config(cfg, vocab_size: int) -> GPTConfig:
 
 
 @torch.no_grad()
-def held_out_loss(model, tokens, cfg, generator) -> float:
+def held_out_loss(model, tokens, cfg, generator, runtime) -> float:
+    """Mean loss over `eval_batches` random held-out batches (each rank its slice; averaged)."""
     model.eval()
     losses = []
     for _ in range(cfg.eval_batches):
         inputs, targets = random_windows(tokens, cfg.batch_size, cfg.seq_len, generator)
-        losses.append(lm_loss(model, inputs.to(model.lm_head.weight.device),
-                              targets.to(model.lm_head.weight.device)).item())
+        inputs, targets = runtime.shard(inputs).to(runtime.device), runtime.shard(targets).to(runtime.device)
+        losses.append(lm_loss(model, inputs, targets).item())
     model.train()
-    return sum(losses) / len(losses)
+    return runtime.mean_over_ranks({"loss": sum(losses) / len(losses)})["loss"]
 
 
 def main() -> None:
     cfg = parse_config(BaseConfig, PRESETS, description="Pretrain the base model on the tiny-world corpus.")
-    print_config(cfg, "train_base")
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
-    device = runtime.device
+    print_config(cfg, "train_base")   # after setup_runtime: rank 0 alone prints
+    if cfg.batch_size % runtime.world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {runtime.world_size} processes")
 
     # ---- data: one token stream; the last 5% held out
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
@@ -118,24 +123,29 @@ def main() -> None:
     if cfg.seq_len > config.block_size:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than the model's block_size {config.block_size}")
     model = runtime.prepare(GPT(config))
+    train_model = runtime.wrap(model)   # DDP under torchrun: backward averages the gradients over ranks
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters ({config.n_layer} layers, d_model {config.d_model})")
+    print(f"model: {n_params / 1e6:.2f}M parameters ({config.n_layer} layers, d_model {config.d_model}); "
+          f"{runtime.device}, {runtime.dtype}, {runtime.world_size} process(es)")
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    if runtime.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "base_metrics.jsonl")
     generator = runtime.cpu_generator(cfg.seed)            # which windows of the (CPU) token stream
     eval_generator = runtime.cpu_generator(cfg.seed + 1)
     progress = Progress(cfg.max_steps, desc="base")
     start = time.time()
     val_loss = float("nan")
-    with MetricsLogger(metrics_path) as log:
+    with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
         for step in range(cfg.max_steps):
             lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # the global batch (the same on every rank), then this rank's slice of it
             inputs, targets = random_windows(train_tokens, cfg.batch_size, cfg.seq_len, generator)
-            loss = lm_loss(model, inputs.to(device), targets.to(device))
+            inputs, targets = runtime.shard(inputs).to(runtime.device), runtime.shard(targets).to(runtime.device)
+            loss = lm_loss(train_model, inputs, targets)
             check_finite(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -143,21 +153,24 @@ def main() -> None:
             optimizer.step()
 
             tokens_per_s = (step + 1) * cfg.batch_size * cfg.seq_len / (time.time() - start)   # run average
-            record = {"loss/train": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
+            record = runtime.mean_over_ranks({"loss/train": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                                              "tokens_per_s": tokens_per_s})
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
-                val_loss = held_out_loss(model, val_tokens, cfg, eval_generator)
+                val_loss = held_out_loss(model, val_tokens, cfg, eval_generator, runtime)
                 record["loss/val"] = val_loss
             log.log(step + 1, **record)
-            progress.log(step + 1, tokens=cfg.batch_size * cfg.seq_len, loss=loss.item(), val=val_loss)
-            if (step + 1) % cfg.sample_every == 0 or step + 1 == cfg.max_steps:
+            progress.log(step + 1, tokens=cfg.batch_size * cfg.seq_len, loss=record["loss/train"], val=val_loss)
+            if runtime.is_main and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.max_steps):
                 texts, _, _ = sample_responses(model, tokenizer, sample_prompts, max_new_tokens=40,
                                                generator=runtime.generator(step))
                 model.train()
                 for prompt, text in zip(sample_prompts, texts):
                     print(f"  [sample] {prompt!r} -> {text!r}")
 
-    summary = {"loss/train": loss.item(), "loss/val": val_loss, "minutes": (time.time() - start) / 60,
+    summary = {"loss/train": record["loss/train"], "loss/val": val_loss, "minutes": (time.time() - start) / 60,
                "parameters": n_params}
+    if not runtime.is_main:
+        return   # rank 0 alone writes
     out_path = os.path.join(cfg.out_dir, "base.pt")
     save_checkpoint(out_path, kind="base", model_state=model.state_dict(), model_config=asdict(config),
                     tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=cfg.max_steps,

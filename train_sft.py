@@ -11,7 +11,10 @@ perfect, which is what the reward model and PPO are for.
 
 CPU:  python train_sft.py                    (preset tiny, ~1 minute on 2 cores)
       python train_sft.py --preset smoke
-GPU:  python train_sft.py --preset small --device cuda
+GPU:  python train_sft.py --preset medium --device cuda
+Several processes (data parallel): torchrun --standalone --nproc_per_node=2 train_sft.py --preset smoke
+      Each step's --batch-size demonstrations are split over the ranks; every rank divides its summed
+      loss by the GLOBAL token count (/ world size, as DDP averages), so the update is one process's.
 """
 
 from __future__ import annotations
@@ -86,15 +89,18 @@ def encode_demos(tokenizer, demos, block_size):
 
 
 @torch.no_grad()
-def held_out_loss(model, examples, cfg, pad_id, device) -> float:
+def held_out_loss(model, examples, cfg, pad_id, runtime) -> float:
+    """Mean NLL per response token over `examples` (each rank scores its share; sums combined)."""
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(examples), cfg.batch_size):
-        batch = sft_batch(examples[start:start + cfg.batch_size], pad_id, model.config.block_size).to(device)
+    mine = runtime.shard(examples)
+    for start in range(0, len(mine), cfg.batch_size):
+        batch = sft_batch(mine[start:start + cfg.batch_size], pad_id, model.config.block_size).to(runtime.device)
         n = batch.loss_mask.sum().item()
         total += lm_loss(model, batch.inputs, batch.targets, batch.loss_mask, batch.attention_mask).item() * n
         count += n
     model.train()
+    total, count = runtime.sum_over_ranks(total, count)
     return total / max(count, 1)
 
 
@@ -120,9 +126,8 @@ def gold_report(model, tokenizer, prompts, cfg, runtime) -> dict:
 
 def main() -> None:
     cfg = parse_config(SFTConfig, PRESETS, description="Supervised fine-tuning on demonstrations.")
-    print_config(cfg, "train_sft")
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
-    device = runtime.device
+    print_config(cfg, "train_sft")   # after setup_runtime: rank 0 alone prints
 
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
     init_path = cfg.init or os.path.join(cfg.out_dir, "base.pt")
@@ -145,15 +150,15 @@ def main() -> None:
           f"{total_steps} steps ({cfg.epochs} epochs)")
 
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr)
+    train_model = runtime.wrap(model)   # DDP under torchrun: backward averages the gradients over ranks
     report_prompts = read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl"))[:cfg.report_prompts]
-    os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "sft_metrics.jsonl")
     order_rng = random.Random(cfg.seed)
     progress = Progress(total_steps, desc="sft")
     start = time.time()
     step = 0
-    val_loss = held_out_loss(model, val_examples, cfg, tokenizer.pad_id, device) if val_examples else float("nan")
-    with MetricsLogger(metrics_path) as log:
+    val_loss = held_out_loss(model, val_examples, cfg, tokenizer.pad_id, runtime) if val_examples else float("nan")
+    with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
         log.log(0, **{"loss/val": val_loss})
         for epoch in range(cfg.epochs):
             order_rng.shuffle(train_examples)
@@ -161,24 +166,34 @@ def main() -> None:
                 lr = cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = sft_batch(train_examples[start_index:start_index + cfg.batch_size],
-                                  tokenizer.pad_id, config.block_size).to(device)
-                loss = lm_loss(model, batch.inputs, batch.targets, batch.loss_mask, batch.attention_mask)
+                # this rank's share of the step's demonstrations; the loss is divided by the tokens
+                # of ALL ranks (/ world size, since DDP averages), so the update is the whole batch's
+                global_batch = train_examples[start_index:start_index + cfg.batch_size]
+                mine = runtime.shard(global_batch)
+                batch = sft_batch(mine or global_batch[:1], tokenizer.pad_id, config.block_size).to(runtime.device)
+                if not mine:   # a short last batch left this rank nothing: one row that counts no
+                    batch.loss_mask.zero_()   # token, so that it still joins DDP's gradient all-reduce
+                (global_tokens,) = runtime.sum_over_ranks(batch.loss_mask.sum().item())
+                loss = lm_loss(train_model, batch.inputs, batch.targets, batch.loss_mask, batch.attention_mask,
+                               token_count=max(global_tokens, 1.0) / runtime.world_size)
                 check_finite(loss, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
                 optimizer.step()
                 step += 1
-                record = {"loss/train": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "epoch": epoch}
+                record = {"loss/train": runtime.mean_over_ranks({"loss": loss.item()})["loss"], "lr": lr,
+                          "grad_norm": grad_norm.item(), "epoch": epoch}
                 if val_examples and (step % cfg.eval_every == 0 or step == total_steps):
-                    val_loss = held_out_loss(model, val_examples, cfg, tokenizer.pad_id, device)
+                    val_loss = held_out_loss(model, val_examples, cfg, tokenizer.pad_id, runtime)
                     record["loss/val"] = val_loss
                 log.log(step, **record)
-                progress.log(step, loss=loss.item(), val=val_loss)
+                progress.log(step, loss=record["loss/train"], val=val_loss)
 
     minutes = (time.time() - start) / 60
-    summary = {"loss/train": loss.item(), "loss/val": val_loss, "minutes": minutes}
+    summary = {"loss/train": record["loss/train"], "loss/val": val_loss, "minutes": minutes}
+    if not runtime.is_main:
+        return   # rank 0 alone reports and writes
     if report_prompts:
         summary.update(gold_report(model, tokenizer, report_prompts, cfg, runtime))
         print("gold labeler on held-out prompts: " + ", ".join(

@@ -97,6 +97,7 @@ def run_main(main: Callable[[], None]) -> None:
     debug = "--debug" in sys.argv[1:]
     try:
         main()
+        _leave_process_group()
     except UserError as error:
         if debug:
             raise
@@ -112,6 +113,17 @@ def run_main(main: Callable[[], None]) -> None:
             raise
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: wait until every rank has finished, then close the process group. (A rank
+    that leaves while the others still run can tear the connections down under them; a rank that
+    fails exits at once instead, and torchrun stops the others.)"""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _print_error(message: str) -> None:

@@ -42,28 +42,36 @@ class MetricsLogger:
     Args:
         path: the JSONL file; its directory is created.
         append: keep the existing lines (a `--resume`d run) instead of starting the file afresh.
+        enabled: False makes `log` write nothing (data-parallel ranks other than 0: one writer).
     """
 
-    def __init__(self, path: str | os.PathLike, append: bool = False):
+    def __init__(self, path: str | os.PathLike, append: bool = False, enabled: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a" if append else "w", encoding="utf-8")
+        self.enabled = enabled
+        self._file = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a" if append else "w", encoding="utf-8")
+        self._closed = False
 
     def log(self, step: int, /, **metrics) -> dict[str, Any]:
         """Write `{"step": step, **metrics}` as one line; returns the record as written."""
-        if self._file is None:
+        if self._closed:
             raise ValueError(f"MetricsLogger for {self.path} is closed")
         if "step" in metrics:
             raise ValueError("'step' is the record's key; pass it as the first argument")
         record = {"step": int(step)}
         for name, value in metrics.items():
             record[name] = _json_value(value, name)
+        if not self.enabled:
+            return record
         # allow_nan=False: a NaN that slipped through would make the file invalid JSON for other tools
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         return record
 
     def close(self) -> None:
+        self._closed = True
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -32,8 +32,6 @@ stderr). Rank 0 alone writes files. The reductions below (`all_reduce_sum`, `mea
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -103,7 +101,7 @@ class Runtime:
         if not self.distributed:
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=device_ids)
 
     # ---- splitting work and reducing results across ranks -------------------------------------
 
@@ -183,12 +181,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0, *, k
     runtime = Runtime(device=resolved, dtype=resolve_dtype(dtype, resolved), rank=rank, world_size=world_size)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
-        atexit.register(_leave_process_group)
+        # (`cli.run_main` closes the group once every rank's main() has returned)
         if rank != 0:
             sys.stdout = open(os.devnull, "w")   # rank 0 alone prints
     return runtime
-
-
-def _leave_process_group() -> None:
-    with contextlib.suppress(Exception):
-        dist.destroy_process_group()

@@ -692,6 +692,8 @@ def main() -> None:
     cfg = parse_config(EvalConfig, PRESETS, description=__doc__)
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
     print_config(cfg, "evaluate")   # after setup_runtime: rank 0 alone prints
+    if runtime.distributed:
+        raise UserError("evaluate.py runs in one process: start it with python, not torchrun")
     start = time.time()
 
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))

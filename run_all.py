@@ -2,7 +2,8 @@
 
     python run_all.py                       # preset tiny: the CPU demo, ~10 minutes on 2 cores
     python run_all.py --preset smoke --out-dir /tmp/out --data-dir /tmp/data     # seconds; for tests
-    python run_all.py --preset small --device cuda
+    python run_all.py --preset medium --device cuda          # one GPU, bf16
+    python run_all.py --preset smoke --nproc-per-node 2      # each training stage under torchrun (2 processes)
     python run_all.py --from-stage ppo      # keep data, base, SFT and RM; train PPO again, then evaluate
 
 Each stage is its own script, run here as a subprocess exactly as you would run it by hand (the
@@ -16,7 +17,10 @@ scripts are the lessons; this file only calls them in order):
     ppo    train_ppo.py       OUT_DIR/ppo.pt           InstructGPT step 3
     eval   evaluate.py        OUT_DIR/eval.md, eval.json, eval.png, eval_bon.png
 
---preset, --data-dir, --out-dir, --device and --seed are passed to every stage that takes them.
+--preset, --data-dir, --out-dir, --device, --dtype and --seed are passed to every stage that takes them.
+With --nproc-per-node N > 1 the training stages (base, SFT, RM, PPO) run data-parallel, each launched
+as `torchrun --standalone --nproc_per_node=N train_x.py ...`; data preparation and evaluation run in one
+process.
 A stage whose output already exists is skipped (so an interrupted run continues where it stopped),
 unless --force or --from-stage says otherwise; once a stage runs, every later stage runs too,
 because its input has changed. The first stage that fails stops the pipeline, and its error is
@@ -46,17 +50,18 @@ class Stage:
     script: str               # relative to the repository root
     outputs: tuple[str, ...]  # files that say the stage is done: in DATA_DIR for "data", else OUT_DIR
     plots: tuple[str, ...]    # its figures, in OUT_DIR
-    common_flags: tuple[str, ...] = ("preset", "data_dir", "out_dir", "device", "seed")
+    common_flags: tuple[str, ...] = ("preset", "data_dir", "out_dir", "device", "dtype", "seed")
+    data_parallel: bool = False  # a training stage: runs under torchrun with --nproc-per-node > 1
 
 
 STAGES = (
     Stage("data", "data/prepare.py", ("corpus.txt", "sft.jsonl", "rm_prompts.jsonl", "ppo_prompts.jsonl",
                                       "eval_prompts.jsonl", "tokenizer.tiktoken", "manifest.json"), (),
           common_flags=("preset", "data_dir")),
-    Stage("base", "train_base.py", ("base.pt",), ("base_curves.png",)),
-    Stage("sft", "train_sft.py", ("sft.pt",), ("sft_curves.png",)),
-    Stage("rm", "train_rm.py", ("rm.pt",), ("rm_curves.png", "rm_scatter.png")),
-    Stage("ppo", "train_ppo.py", ("ppo.pt",), ("ppo_curves.png", "ppo_overopt.png")),
+    Stage("base", "train_base.py", ("base.pt",), ("base_curves.png",), data_parallel=True),
+    Stage("sft", "train_sft.py", ("sft.pt",), ("sft_curves.png",), data_parallel=True),
+    Stage("rm", "train_rm.py", ("rm.pt",), ("rm_curves.png", "rm_scatter.png"), data_parallel=True),
+    Stage("ppo", "train_ppo.py", ("ppo.pt",), ("ppo_curves.png", "ppo_overopt.png"), data_parallel=True),
     Stage("eval", "evaluate.py", ("eval.json", "eval.md"), ("eval.png", "eval_bon.png")),
 )
 STAGE_NAMES = [stage.name for stage in STAGES]
@@ -77,6 +82,10 @@ class RunAllConfig:
     data_dir: str = field(default="data", metadata={"help": "where the data files go"})
     out_dir: str = field(default="out", metadata={"help": "where the checkpoints, logs and plots go"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    dtype: str = field(default="auto", metadata={"help": "precision of every stage: auto (bf16 on a GPU that has it, "
+                                                         "else fp32), fp32 or bf16", "choices": ["auto", "fp32", "bf16"]})
+    nproc_per_node: int = field(default=1, metadata={"help": "processes per training stage (>1: torchrun, data "
+                                                             "parallel; one per GPU on CUDA)", "min": 1})
     seed: Optional[int] = field(default=None, metadata={"help": "random seed for every training stage "
                                                                 "(none: each stage's default)"})
     force: bool = field(default=False, metadata={"help": "run every stage, even those whose output exists"})
@@ -90,8 +99,12 @@ PRESETS = {"smoke": {}, "tiny": {}, "medium": {}, "small": {}}  # the preset is 
 
 
 def stage_command(stage: Stage, cfg) -> list[str]:
-    """`python <script> --preset P --data-dir D ...`: the command a student would type."""
+    """`python <script> --preset P --data-dir D ...`: the command a student would type (`python -m
+    torch.distributed.run --standalone --nproc_per_node=N <script> ...`, i.e. torchrun, for a training
+    stage with --nproc-per-node N > 1)."""
     command = [sys.executable, os.path.join(ROOT, stage.script)]
+    if stage.data_parallel and cfg.nproc_per_node > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc_per_node}"]
     for name in stage.common_flags:
         value = getattr(cfg, name)
         if value is not None:
@@ -114,7 +127,9 @@ def run_stage(stage: Stage, cfg) -> None:
     if not os.path.exists(script):
         raise UserError(f"stage {stage.name}: {script} not found")
     command = stage_command(stage, cfg)
-    print(f"\n=== {stage.name}: {' '.join(['python', stage.script, *command[2:]])}", flush=True)
+    script_at = command.index(script)
+    launcher = " ".join(["torchrun", *command[3:script_at]]) if script_at > 1 else "python"
+    print(f"\n=== {stage.name}: {launcher} {' '.join([stage.script, *command[script_at + 1:]])}", flush=True)
     log_path = os.path.join(cfg.out_dir, "logs", f"{stage.name}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     last_line = ""

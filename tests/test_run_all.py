@@ -89,9 +89,20 @@ def test_stage_commands_pass_the_common_flags():
     assert run_all.stage_command(data, cfg)[2:] == ["--preset", "smoke", "--data-dir", "d"], \
         "data/prepare.py takes no --out-dir, --device or --seed (its seed is the world's)"
     assert run_all.stage_command(base, cfg)[2:] == ["--preset", "smoke", "--data-dir", "d", "--out-dir", "o",
-                                                    "--device", "cpu", "--seed", "7"]
+                                                    "--device", "cpu", "--dtype", "auto", "--seed", "7"]
     no_seed = run_all.RunAllConfig(preset="smoke", data_dir="d", out_dir="o")
     assert "--seed" not in run_all.stage_command(base, no_seed), "without --seed each stage keeps its own default"
+
+
+def test_nproc_per_node_launches_the_training_stages_with_torchrun():
+    cfg = run_all.RunAllConfig(preset="smoke", data_dir="d", out_dir="o", device="cpu", nproc_per_node=2)
+    by_name = {stage.name: run_all.stage_command(stage, cfg) for stage in run_all.STAGES}
+    for name in ("base", "sft", "rm", "ppo"):
+        assert by_name[name][1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], name
+        assert by_name[name][5].endswith(f"train_{name}.py")
+    for name in ("data", "eval"):   # one process: nothing to split
+        assert "torch.distributed.run" not in by_name[name], name
+    assert "torch.distributed.run" not in run_all.stage_command(run_all.STAGES[1], run_all.RunAllConfig())
 
 
 @pytest.mark.parametrize("args, message", [(["--until", "nope"], "--until"), (["--from-stage", "x"], "--from-stage"),

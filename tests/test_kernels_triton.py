@@ -189,6 +189,27 @@ def test_logprobs_forward_only_and_entropy_only_backward():
     assert_within("grad_hidden from entropy alone", grad_h, grad_h64, 1e-4 * (1 + grad_h64.abs().max()))
 
 
+@needs_triton_device
+def test_logprobs_bf16_inputs_accumulate_in_fp32():
+    """bf16 hidden states and weight (what a bf16 model hands the kernel): tl.dot multiplies the bf16
+    tiles exactly and accumulates in fp32, so the result matches the fp64 reference ON THE
+    bf16-ROUNDED VALUES to fp32 accuracy (1e-5 of the terms' size), not to bf16's 4e-3; the
+    logprobs come out fp32 and the gradients in the inputs' dtype (bf16)."""
+    inputs, _, _ = logprob_case(21, 75, 40, temperature=1.0, seed=8)
+    hidden, weight, targets, grad_lp, _ = inputs
+    hidden, weight = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    logprobs = token_logprobs(hidden, weight, targets, impl="triton")
+    (grad_h,) = torch.autograd.grad((logprobs * grad_lp).sum(), hidden)
+    assert logprobs.dtype == torch.float32 and grad_h.dtype == torch.bfloat16
+    h64, w64 = hidden.detach().double().cpu().requires_grad_(), weight.detach().double().cpu()
+    expected = token_logprobs_reference(h64, w64, targets.cpu())
+    (grad_h64,) = torch.autograd.grad((expected * grad_lp.double().cpu()).sum(), h64)
+    scale = (h64.abs() @ w64.abs().T).amax(dim=1) + 1
+    assert_within("logprobs from bf16 inputs", logprobs, expected.detach(), 1e-5 * scale)
+    # the gradient is rounded to bf16 on the way out: 2^-8 relative
+    assert_within("grad_hidden (bf16)", grad_h, grad_h64, 2 ** -8 * grad_h64.abs() + 1e-3)
+
+
 # ------------------------------------------------------------------------------------------------
 # GAE
 # ------------------------------------------------------------------------------------------------

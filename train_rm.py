@@ -23,9 +23,18 @@ reads your ranking (answers saved as you go in out/rm_human_labels.jsonl; re-run
 
 CPU:  python train_rm.py                    (preset tiny, ~1.5 minutes on 2 cores, sampling included)
       python train_rm.py --preset smoke
+      python train_rm.py --preset smoke --dtype bf16 --device cpu     (bf16 autocast; slow on a CPU, for tests)
       python train_rm.py --labeler human --num-comparisons 20
       python train_rm.py --rm-objective classifier --comparisons out/rm_comparisons.jsonl --out-dir out_cls
-GPU:  python train_rm.py --preset small --device cuda
+GPU:  python train_rm.py --preset medium --device cuda                 (bf16 by default on a GPU)
+      python train_rm.py --preset small --device cuda
+Several processes (data parallel): torchrun --standalone --nproc_per_node=2 train_rm.py --preset smoke
+      Each rank samples its share of the prompts with its own dice; the candidates are gathered so
+      every rank ranks the same full list. --batch-size stays the GLOBAL number of comparisons per
+      step: each rank trains on its share, weighted so that DDP's averaged gradient is the one of
+      the mean over the whole batch (`reward.batch_share`). Held-out loss and accuracy and the
+      normalisation are computed from every rank's share. Rank 0 alone writes files.
+      (--labeler human needs one terminal: a single process.)
 """
 
 from __future__ import annotations
@@ -37,7 +46,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from minirlhf import labeling, world
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
@@ -46,8 +54,8 @@ from minirlhf.data import read_prompts
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.plots import plot_curves, plot_scatter
-from minirlhf.reward import (RewardScorer, comparison_loss, encode_ranked, fit_normalisation, gold_agreement,
-                             pairwise_accuracy)
+from minirlhf.reward import (RewardScorer, batch_share, comparison_loss, encode_ranked, fit_normalisation,
+                             gold_agreement, pairwise_counts)
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import check_finite, cosine_lr, sample_responses
 from minirlhf.runtime import setup_runtime
@@ -85,7 +93,8 @@ class RMConfig:
     freeze_layers: int = field(default=0, metadata={"help": "freeze the embeddings and the lowest N transformer blocks "
                                                             "(0: train everything)", "min": 0})
     epochs: int = field(default=1, metadata={"help": "passes over the comparisons (InstructGPT: 1; more overfits)", "min": 1})
-    batch_size: int = field(default=16, metadata={"help": "comparisons (prompts) per step", "min": 1})
+    batch_size: int = field(default=16, metadata={"help": "comparisons (prompts) per step, over all processes",
+                                                  "min": 1})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)", "min": 0.0})
     min_lr: float = field(default=1e-5, metadata={"help": "learning rate at the end of the cosine decay", "min": 0.0})
     warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps", "min": 0})
@@ -111,17 +120,45 @@ PRESETS = {
 
 
 @torch.no_grad()
-def evaluate(model, encoded, objective, pad_id, batch_size) -> tuple[float, float]:
-    """Held-out (loss, pairwise accuracy against the labeler's rankings)."""
+def evaluate(model, encoded, objective, pad_id, batch_size, runtime) -> tuple[float, float]:
+    """Held-out (loss, pairwise accuracy against the labeler's rankings) of all of `encoded`.
+
+    Each rank scores its share (`runtime.shard`) with the unwrapped model (no gradients, so no
+    DDP); the ranks add up their loss sums, comparison counts and pair counts, and the ratios of
+    those sums are the numbers one process would get for the whole set.
+    """
     model.eval()
-    total_loss, rows = 0.0, []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+    loss_sum = correct = pairs = 0.0
+    share = runtime.shard(encoded)
+    for start in range(0, len(share), batch_size):
+        chunk = share[start:start + batch_size]
         loss, rewards = comparison_loss(model, chunk, objective, pad_id)
-        total_loss += loss.item() * len(chunk)
-        rows += list(rewards.cpu())
+        loss_sum += loss.item() * len(chunk)            # the loss is a mean over the chunk's comparisons
+        chunk_correct, chunk_pairs = pairwise_counts(rewards.cpu())
+        correct += chunk_correct
+        pairs += chunk_pairs
     model.train()
-    return total_loss / len(encoded), pairwise_accuracy(pad_sequence(rows, batch_first=True, padding_value=math.nan))
+    loss_sum, count, correct, pairs = runtime.sum_over_ranks(loss_sum, len(share), correct, pairs)
+    return loss_sum / count, (correct / pairs if pairs else math.nan)
+
+
+def train_metrics(runtime, loss: torch.Tensor, rewards: torch.Tensor, weight: float) -> dict:
+    """The GLOBAL batch's loss, pairwise accuracy and margin (best minus worst reward), from this
+    rank's share: `loss` and `rewards` (B_r, K_max) of its comparisons, `weight` from `batch_share`.
+
+    The loss and the margin are means over the rank's comparisons; weighted like the loss, they sum
+    over the ranks to world_size times the global mean. Accuracy is added up as pair counts. A
+    rank that ran a placeholder comparison (weight 0) adds nothing. One process: the same numbers
+    as before, exactly (the weight is 1).
+    """
+    rewards = rewards.cpu()                                                # (B_r, K_max) best first
+    worst = rewards.gather(1, ((~rewards.isnan()).sum(1) - 1)[:, None])   # (B_r, 1) last scored
+    margin = (rewards[:, :1] - worst).mean().item()
+    correct, pairs = pairwise_counts(rewards) if weight else (0.0, 0.0)
+    loss_sum, margin_sum, correct, pairs = runtime.sum_over_ranks(loss.item() * weight, margin * weight,
+                                                                  correct, pairs)
+    return {"loss/train": loss_sum / runtime.world_size, "accuracy/train": correct / pairs if pairs else math.nan,
+            "margin/train": margin_sum / runtime.world_size}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +166,12 @@ def evaluate(model, encoded, objective, pad_id, batch_size) -> tuple[float, floa
 def collect_comparisons(cfg, policy, tokenizer, runtime):
     """Sample and rank the comparisons, or read them from --comparisons. Returns (comparisons,
     held-out prompts, candidates) - the candidates are the SFT samples, which fit the normalisation
-    (none when the comparisons come from a file) - or None if a person quit labelling."""
+    (none when the comparisons come from a file) - or None if a person quit labelling.
+
+    Under torchrun every rank returns the same lists: every rank reads the file, or every rank
+    draws the same prompts, samples its share of them with its own dice, and receives the other
+    ranks' samples (back in the order the prompts were drawn); the duplicates, the degenerate
+    responses and the gold labeler's (seeded) noise are then the same on every rank."""
     rng = random.Random(cfg.seed)
     if cfg.comparisons:
         comparisons = labeling.read_ranked_comparisons(cfg.comparisons)
@@ -145,11 +187,15 @@ def collect_comparisons(cfg, policy, tokenizer, runtime):
     k = cfg.responses_per_prompt
     print(f"sampling {k} responses for each of {len(drawn)} prompts from the SFT policy "
           f"({len(train_prompts)} distinct train prompts, {len(val_prompts)} held out)")
-    progress = Progress(len(drawn), desc="sampling")
-    candidates = labeling.sample_candidates(policy, tokenizer, drawn, k=k, max_new_tokens=cfg.max_new_tokens,
-                                            temperature=cfg.temperature, batch_size=cfg.sample_batch_size,
-                                            generator=runtime.generator(cfg.seed),
-                                            progress=lambda done, total: progress.log(done))
+    mine = runtime.shard(list(range(len(drawn))))   # positions in `drawn` this rank samples for
+    progress = Progress(len(mine), desc="sampling")
+    sampled = labeling.sample_candidates(policy, tokenizer, [drawn[i] for i in mine], k=k,
+                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                         batch_size=cfg.sample_batch_size, generator=runtime.generator(cfg.seed),
+                                         progress=lambda done, total: progress.log(done))
+    # every rank's candidates on every rank, in the order of `drawn` (one process: `sampled` itself)
+    gathered = runtime.gather_objects(list(zip(mine, sampled)))
+    candidates = [group for _, group in sorted(gathered, key=lambda position_and_group: position_and_group[0])]
     print(f"{sum(not e for c in candidates for e in c.ended)} of {len(candidates) * k} responses did not stop "
           f"within {cfg.max_new_tokens} tokens")
     # what the labeler sees: duplicates removed, a few degenerate responses added
@@ -182,10 +228,13 @@ def encode_all(tokenizer, comparisons, block_size, source) -> list[list[list[int
 
 def main() -> None:
     cfg = parse_config(RMConfig, PRESETS, description=__doc__.split("\n\n")[0])
-    print_config(cfg, "train_rm")
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    print_config(cfg, "train_rm")   # after setup_runtime, which silences every rank but 0: printed once
     if cfg.comparisons and cfg.labeler == "human":
         raise UserError("--labeler human ranks fresh samples; it cannot be combined with --comparisons FILE")
+    if cfg.labeler == "human" and runtime.distributed:
+        raise UserError(f"--labeler human reads rankings from one terminal, not from {runtime.world_size} processes: "
+                        "run it as a single process (python train_rm.py ...), not under torchrun")
 
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
     init_path = cfg.init or os.path.join(cfg.out_dir, "sft.pt")
@@ -196,7 +245,8 @@ def main() -> None:
     policy = GPT(config)
     policy.load_state_dict(sft["model"])
     runtime.prepare(policy).eval()
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    if runtime.is_main:   # rank 0 alone writes files
+        os.makedirs(cfg.out_dir, exist_ok=True)
 
     # ---- 1. comparisons: sampled from the SFT policy and ranked, or read from a file
     start = time.time()
@@ -206,7 +256,8 @@ def main() -> None:
     comparisons, val_prompts, candidates = collected
     encoded = encode_all(tokenizer, comparisons, config.block_size, cfg.comparisons or "comparisons")
     comparisons_path = os.path.join(cfg.out_dir, "rm_comparisons.jsonl")
-    labeling.write_comparisons(comparisons_path, comparisons)
+    if runtime.is_main:
+        labeling.write_comparisons(comparisons_path, comparisons)
     minutes_collect = (time.time() - start) / 60
     held_out = [c.prompt in val_prompts for c in comparisons]
     train_encoded = [e for e, h in zip(encoded, held_out) if not h]
@@ -236,62 +287,75 @@ def main() -> None:
     model.trunk.load_state_dict(sft["model"])
     runtime.prepare(model).train()
     model.trunk.freeze_lower(cfg.freeze_layers)   # keep what the lower layers know; train the top and the head
+    # training forward passes go through DDP under torchrun (its backward averages the gradients over
+    # the ranks); evaluation and scoring call `model` itself. Wrapped after freezing: DDP then
+    # synchronises only the parameters that train.
+    train_model = runtime.wrap(model)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr)
     total_steps = math.ceil(len(train_encoded) / cfg.batch_size) * cfg.epochs
     print(f"training the reward model ({cfg.rm_objective} objective): {total_steps} steps of {cfg.batch_size} prompts")
+    if runtime.distributed:
+        print(f"  data parallel over {runtime.world_size} processes ({runtime.device}, {runtime.dtype}): "
+              f"each takes its share of every batch of {cfg.batch_size}")
 
     metrics_path = os.path.join(cfg.out_dir, "rm_metrics.jsonl")
     order_rng = random.Random(cfg.seed)
     progress = Progress(total_steps, desc="rm")
     step, val_loss, val_accuracy = 0, math.nan, math.nan
-    with MetricsLogger(metrics_path) as log:
+    with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
         if val_encoded:   # step 0: the untrained head, for reference (about chance)
-            val_loss, val_accuracy = evaluate(model, val_encoded, cfg.rm_objective, tokenizer.pad_id, cfg.batch_size)
+            val_loss, val_accuracy = evaluate(model, val_encoded, cfg.rm_objective, tokenizer.pad_id, cfg.batch_size,
+                                              runtime)
             log.log(0, **{"loss/val": val_loss, "accuracy/val": val_accuracy})
         for epoch in range(cfg.epochs):
             order = list(range(len(train_encoded)))
-            order_rng.shuffle(order)
+            order_rng.shuffle(order)   # the same seed on every rank: the ranks agree on each global batch
             for first in range(0, len(order), cfg.batch_size):
                 lr = cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = [train_encoded[i] for i in order[first:first + cfg.batch_size]]
-                loss, rewards = comparison_loss(model, batch, cfg.rm_objective, tokenizer.pad_id)
-                check_finite(loss, step)
+                batch = [train_encoded[i] for i in order[first:first + cfg.batch_size]]   # the global batch
+                share, weight = batch_share(runtime, batch)                               # this rank's part
+                loss, rewards = comparison_loss(train_model, share, cfg.rm_objective, tokenizer.pad_id)
+                record = train_metrics(runtime, loss, rewards, weight)
+                # the global loss, the same on every rank: all of them stop together on a NaN
+                check_finite(torch.tensor(record["loss/train"]), step)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight).backward()   # DDP averages the ranks' gradients: the global batch's mean
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
                 optimizer.step()
                 step += 1
-                rewards = rewards.cpu()                                                # (B, K_max) best first
-                worst = rewards.gather(1, ((~rewards.isnan()).sum(1) - 1)[:, None])   # (B, 1) last scored
-                record = {"loss/train": loss.item(), "accuracy/train": pairwise_accuracy(rewards),
-                          "margin/train": (rewards[:, :1] - worst).mean().item(), "lr": lr,
-                          "grad_norm": grad_norm.item(), "epoch": epoch}
+                record.update({"lr": lr, "grad_norm": grad_norm.item(), "epoch": epoch})
                 if val_encoded and (step % cfg.eval_every == 0 or step == total_steps):
                     val_loss, val_accuracy = evaluate(model, val_encoded, cfg.rm_objective, tokenizer.pad_id,
-                                                      cfg.batch_size)
+                                                      cfg.batch_size, runtime)
                     record.update({"loss/val": val_loss, "accuracy/val": val_accuracy})
                 log.log(step, **record)
-                progress.log(step, loss=loss.item(), val_acc=val_accuracy)
+                progress.log(step, loss=record["loss/train"], val_acc=val_accuracy)
 
     # ---- 3. normalise: (raw - bias) * gain has mean 0, std 1 on the SFT policy's samples
-    if candidates:   # the policy's own samples (not the added degenerate ones)
+    #      Each rank scores its share of the samples; the raw scores of all of them are gathered, so
+    #      every rank fits the same bias and gain on every sample.
+    if candidates:   # the policy's own samples (not the added degenerate ones); every rank holds all of them
         policy_samples = [(c.prompt, r, e) for c in candidates for r, e, source in zip(c.responses, c.ended, c.sources)
                           if source == labeling.POLICY]
-        norm_prompts, norm_responses, norm_ended = (list(column) for column in zip(*policy_samples))
+        norm_samples = runtime.shard(policy_samples)
     else:   # comparisons from a file need not be the SFT policy's: sample some of its responses
         prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "rm_prompts.jsonl"))
-        norm_prompts = labeling.cycle_prompts(prompts, cfg.norm_samples, random.Random(cfg.seed))
+        norm_prompts = runtime.shard(labeling.cycle_prompts(prompts, cfg.norm_samples, random.Random(cfg.seed)))
         norm_responses, norm_ended, _ = sample_responses(
             policy, tokenizer, norm_prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             generator=runtime.generator(cfg.seed), batch_size=cfg.sample_batch_size)
+        norm_samples = list(zip(norm_prompts, norm_responses, norm_ended))
     scorer = RewardScorer(model, tokenizer)   # bias 0, gain 1: raw scores
-    reward_bias, reward_gain = fit_normalisation(scorer.score(norm_prompts, norm_responses, norm_ended))
+    raw_here = scorer.score(*(list(column) for column in zip(*norm_samples))) if norm_samples else torch.zeros(0)
+    reward_bias, reward_gain = fit_normalisation(torch.cat(runtime.gather_objects([raw_here])))
     scorer.bias, scorer.gain = reward_bias, reward_gain
+    if not runtime.is_main:
+        return   # the report, the checkpoint and the plots are rank 0's
 
-    # ---- 4. report: held-out samples against the noiseless gold labeler
-    summary = {"loss/train": loss.item(), "loss/val": val_loss, "accuracy/val": val_accuracy, **labels,
+    # ---- 4. report: held-out samples against the noiseless gold labeler (rank 0 alone)
+    summary = {"loss/train": record["loss/train"], "loss/val": val_loss, "accuracy/val": val_accuracy, **labels,
                "reward_bias": reward_bias, "reward_gain": reward_gain, "comparisons/train": len(train_encoded),
                "comparisons/val": len(val_encoded), "minutes/collect": minutes_collect,
                "minutes": (time.time() - start) / 60}

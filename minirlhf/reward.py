@@ -16,6 +16,10 @@ and `comparison_loss` scores a batch of comparisons and applies one of two objec
                 the classifier's logit margin log p(good) - log p(bad) (a two-class softmax
                 depends only on the difference of its two logits, so one scalar is all it needs).
 
+Both losses are means over the comparisons (prompts) of the batch. Under torchrun each rank scores
+its share of a global batch (`batch_share`) and weights its mean so that DDP's average of the
+ranks' gradients is the gradient of the global mean.
+
 Judging it: `pairwise_accuracy` against the labeler's rankings, and `gold_agreement` against the
 noiseless gold labeler (pairwise accuracy per prompt family, rank correlation, top choice).
 
@@ -98,7 +102,7 @@ def comparison_loss(model: RewardModel, batch: list[list[list[int]]], objective:
                      so that both objectives report accuracy on the same pairs).
 
     Returns (loss, rewards): a 0-d loss to minimise and the detached grid, NaN where a prompt has
-    fewer than K_max responses.
+    fewer than K_max responses. `model` may be DDP-wrapped (`Runtime.wrap`) for training.
     """
     if objective not in RM_OBJECTIVES:
         raise ValueError(f"objective must be one of {RM_OBJECTIVES}, got {objective!r}")
@@ -120,11 +124,34 @@ def comparison_loss(model: RewardModel, batch: list[list[list[int]]], objective:
     return loss, rewards.detach().masked_fill(~valid, math.nan)
 
 
-def pairwise_accuracy(rewards_best_first: torch.Tensor) -> float:
-    """The share of pairs i < j (i ranked above j by the labeler) with r_i > r_j, over all rows
-    of a (B, K) best-first grid; a tie counts half, NaN entries (missing responses) are skipped.
+def batch_share(runtime, batch: list) -> tuple[list, float]:
+    """This rank's comparisons of a GLOBAL batch, and the weight to multiply their mean loss by.
 
-        pairwise_accuracy(torch.tensor([[3.0, 1.0, 2.0]])) -> 2/3   (3>1 yes, 3>2 yes, 1>2 no)
+    `comparison_loss` is a mean over the comparisons (prompts) it is given, and DDP AVERAGES the
+    gradients of the W ranks. Rank r holds B_r of the batch's B comparisons; weighting its mean by
+    B_r * W / B makes that average the gradient of the mean over the whole batch:
+
+        1/W * sum_r (B_r * W / B) * mean_r = 1/B * sum_r B_r * mean_r = mean over all B comparisons
+
+    (without the weight, a rank with 2 comparisons would count as much as a rank with 3). The
+    classifier objective's mean over 2B margins weights the same way (two margins per comparison).
+    In one process the weight is exactly 1 and the share is the batch: nothing changes.
+
+    A rank whose share is empty (a last, short batch with fewer comparisons than ranks) must still
+    run a forward and a backward pass - DDP's gradient all-reduce waits for every rank - so it
+    gets the batch's first comparison with weight 0: it adds nothing to the gradient.
+    """
+    share = runtime.shard(batch)
+    if not share:
+        return batch[:1], 0.0
+    return share, len(share) * runtime.world_size / len(batch)
+
+
+def pairwise_counts(rewards_best_first: torch.Tensor) -> tuple[float, float]:
+    """(correct, pairs): over all rows of a (B, K) best-first grid, the pairs i < j (i ranked above
+    j by the labeler) with r_i > r_j - a tie counts half - and the number of pairs. NaN entries
+    (missing responses) are skipped. Counts, not a ratio, so that data-parallel ranks can add
+    theirs up and divide once (`pairwise_accuracy` is correct / pairs).
     """
     correct = total = 0.0
     for row in rewards_best_first.tolist():
@@ -132,6 +159,16 @@ def pairwise_accuracy(rewards_best_first: torch.Tensor) -> float:
         for better, worse in combinations(row, 2):
             correct += 1.0 if better > worse else 0.5 if better == worse else 0.0
             total += 1
+    return correct, total
+
+
+def pairwise_accuracy(rewards_best_first: torch.Tensor) -> float:
+    """The share of pairs i < j (i ranked above j by the labeler) with r_i > r_j, over all rows
+    of a (B, K) best-first grid; a tie counts half, NaN entries (missing responses) are skipped.
+
+        pairwise_accuracy(torch.tensor([[3.0, 1.0, 2.0]])) -> 2/3   (3>1 yes, 3>2 yes, 1>2 no)
+    """
+    correct, total = pairwise_counts(rewards_best_first)
     return correct / total if total else math.nan
 
 

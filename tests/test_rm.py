@@ -223,6 +223,41 @@ def test_score_rows_in_length_chunks_keeps_the_order_and_the_gradient(stage):
     assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
 
 
+def test_bf16_rewards_loss_and_scores_come_out_fp32(stage):
+    """--dtype bf16: the blocks run under bf16 autocast, but the rewards, the loss and the
+    normalised scores are fp32 (the trunk hands out fp32 hidden states and the scalar head runs
+    outside autocast), and they stay close to the fp32 model's."""
+    from minirlhf.reward import RewardScorer
+    from minirlhf.runtime import Runtime
+
+    tokenizer = stage["tokenizer"]
+    fp32_model = random_rm(tokenizer)
+    bf16_model = Runtime(torch.device("cpu"), dtype="bf16").prepare(random_rm(tokenizer))
+    comparison = labeling.RankedComparison("what does a cow eat?", ["A cow eats grass.", "Cows eat fish.", "No."],
+                                           [0, 1, 2])
+    batch = [encode_ranked(tokenizer, comparison, 96)]
+    loss, rewards = comparison_loss(bf16_model, batch, "ranking", tokenizer.pad_id)
+    fp32_loss, fp32_rewards = comparison_loss(fp32_model, batch, "ranking", tokenizer.pad_id)
+    assert loss.dtype == rewards.dtype == torch.float32
+    torch.testing.assert_close(rewards, fp32_rewards, atol=0.05, rtol=0.05)   # bf16: ~3 significant digits
+    torch.testing.assert_close(loss, fp32_loss, atol=0.05, rtol=0.05)
+    scores = RewardScorer(bf16_model, tokenizer, bias=0.5, gain=2.0).score([comparison.prompt] * 3,
+                                                                          comparison.responses)
+    assert scores.dtype == torch.float32
+
+
+def test_pairwise_counts_add_up_over_shards():
+    """Accuracy from counts: two halves of a grid, their counts added, give the whole grid's accuracy
+    (what data-parallel ranks do with their shares of the held-out set)."""
+    from minirlhf.reward import pairwise_counts
+
+    grid = torch.tensor([[3.0, 1.0, 2.0], [5.0, 5.0, math.nan], [0.0, 1.0, 2.0]])
+    assert pairwise_counts(grid) == (2.5, 7.0)   # 2/3 + 1/2 + 0/3
+    halves = [pairwise_counts(grid[:2]), pairwise_counts(grid[2:])]
+    correct, pairs = (sum(column) for column in zip(*halves))
+    assert correct / pairs == pairwise_accuracy(grid) == 2.5 / 7
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics and normalisation
 # ---------------------------------------------------------------------------------------------

@@ -171,8 +171,8 @@ def test_saved_file_has_normal_permissions(tmp_path):
     assert (tmp_path / "sft.pt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
 
 
-def test_kinds_are_the_four_stages():
-    assert CHECKPOINT_KINDS == ("base", "sft", "rm", "ppo")
+def test_kinds_are_the_stages_and_methods():
+    assert CHECKPOINT_KINDS == ("base", "sft", "rm", "ppo", "dpo", "grpo", "rloo")
 
 
 # --------------------------------------------------------------------------------------------------

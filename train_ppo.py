@@ -19,8 +19,16 @@ CPU:  python train_ppo.py                        (preset tiny, ~3 minutes on 2 c
       python train_ppo.py --no-adaptive-kl --kl-coef 0 --total-updates 120
                                                  (no KL penalty: watch the RM get over-optimised)
       python train_ppo.py --preset smoke
-GPU:  python train_ppo.py --preset small --device cuda
-Resume an interrupted run:  python train_ppo.py --resume   (same flags as the first run)
+GPU:  python train_ppo.py --preset medium --device cuda     (bf16 by default on a GPU)
+      python train_ppo.py --preset small --device cuda
+Several processes (data parallel): torchrun --standalone --nproc_per_node=2 train_ppo.py --preset smoke
+      --batch-size stays the prompts of one update, split evenly over the processes; each samples,
+      scores and runs the forward passes of its share with its own dice. Advantages are whitened
+      and every logged mean is taken over all processes' samples, and each PPO loss is the mean
+      over the tokens of all processes' minibatch (see minirlhf/ppo.py), so an update is one
+      process's update on the whole batch. Rank 0 alone prints and writes.
+Resume an interrupted run:  python train_ppo.py --resume   (same flags as the first run; under
+      torchrun each process gets back its own sampling state)
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from minirlhf.losses import AdaptiveKLController, FixedKLController
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.plots import plot_curves
 from minirlhf.ppo import (Rollout, compute_advantages, critic_from_policy, critic_from_reward_model, evaluate_policy,
-                          forward_rollout, minibatch_orders, ppo_update, rollout_stats, score_rollout)
+                          forward_rollout, means_over_ranks, minibatch_orders, ppo_update, rollout_stats,
+                          score_rollout)
 from minirlhf.reward import load_reward_model
 from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
@@ -118,9 +127,10 @@ PRESETS = {
 }
 
 
-def pretraining_batches(cfg: PPOConfig, tokenizer: Tokenizer, device, generator):
+def pretraining_batches(cfg: PPOConfig, tokenizer: Tokenizer, runtime, generator):
     """PPO-ptx: a function returning random windows of the pretraining corpus (InstructGPT eq. 2's
-    gamma * E_pretrain[log pi(x)] term), or None when --ptx-coef is 0."""
+    gamma * E_pretrain[log pi(x)] term), or None when --ptx-coef is 0. Every rank draws the same
+    --ptx-batch-size windows (`generator` is shared) and keeps its equal share of them."""
     if cfg.ptx_coef == 0:
         return None
     path = os.path.join(cfg.data_dir, "corpus.txt")
@@ -132,9 +142,39 @@ def pretraining_batches(cfg: PPOConfig, tokenizer: Tokenizer, device, generator)
         raise UserError(f"{path}: corpus too small for --ptx-seq-len {cfg.ptx_seq_len}")
 
     def batch():
-        inputs, targets = random_windows(tokens, cfg.ptx_batch_size, cfg.ptx_seq_len, generator)
-        return inputs.to(device), targets.to(device)
+        inputs, targets = random_windows(tokens, cfg.ptx_batch_size, cfg.ptx_seq_len, generator)   # (n, L) each
+        return runtime.shard(inputs).to(runtime.device), runtime.shard(targets).to(runtime.device)
     return batch
+
+
+def check_processes(cfg: PPOConfig, world_size: int) -> None:
+    """Under torchrun the --batch-size prompts of an update are split evenly over the processes, and
+    each process cuts its share into --num-minibatches (the same number everywhere: DDP steps in
+    lockstep). A one-line error when that cannot be done."""
+    if cfg.batch_size % world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world_size} processes")
+    if cfg.num_minibatches > cfg.batch_size // world_size:
+        raise UserError(f"--num-minibatches {cfg.num_minibatches} must be <= --batch-size / processes = "
+                        f"{cfg.batch_size // world_size}")
+    if cfg.ptx_coef > 0 and cfg.ptx_batch_size % world_size:
+        raise UserError(f"--ptx-batch-size {cfg.ptx_batch_size} must be divisible by the {world_size} processes")
+
+
+def restore_sample_generator(generator, ckpt: dict, runtime) -> None:
+    """Give this rank the sampling dice it had when the checkpoint was written.
+
+    A checkpoint stores every rank's generator state (`sample_rng_states`; older ones only rank 0's,
+    `sample_rng_state`). Written with another number of processes, the ranks the checkpoint knows
+    restore their own state and any other rank keeps its fresh stream (seed + rank * stride: dice
+    that the earlier run never drew from), so no two ranks repeat each other's samples.
+    """
+    states = ckpt.get("sample_rng_states") or [ckpt["sample_rng_state"]]
+    if runtime.rank < len(states):
+        generator.set_state(states[runtime.rank])
+    if len(states) != runtime.world_size:
+        print(f"note: the checkpoint holds the sampling dice of {len(states)} process(es), this run has "
+              f"{runtime.world_size}: ranks below {min(len(states), runtime.world_size)} restore their own, "
+              "any other rank starts a fresh stream")
 
 
 def plot_overoptimisation(records: list[dict], reward: str, out_path: str) -> None:
@@ -175,9 +215,9 @@ def plot_overoptimisation(records: list[dict], reward: str, out_path: str) -> No
 
 def main() -> None:
     cfg = parse_config(PPOConfig, PRESETS, description=__doc__)
-    print_config(cfg, "train_ppo")
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
-    device = runtime.device
+    print_config(cfg, "train_ppo")   # after setup_runtime: under torchrun rank 0 alone prints
+    check_processes(cfg, runtime.world_size)
 
     # ---- models: policy (trained), reference (frozen SFT), reward model (frozen), critic (trained)
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
@@ -213,9 +253,9 @@ def main() -> None:
     if longest + cfg.max_new_tokens > policy.config.block_size:
         raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
                         f"the model's block_size {policy.config.block_size}")
-    rng = runtime.cpu_generator(cfg.seed)          # prompt order, minibatches, ptx
-    sample_generator = runtime.generator(cfg.seed)   # the policy's sampling
-    ptx_batch = pretraining_batches(cfg, tokenizer, device, rng)
+    rng = runtime.cpu_generator(cfg.seed)            # prompt order, minibatches, ptx: the same on every rank
+    sample_generator = runtime.generator(cfg.seed)   # the policy's sampling: each rank its own dice
+    ptx_batch = pretraining_batches(cfg, tokenizer, runtime, rng)
 
     # ---- resume
     out_path = os.path.join(cfg.out_dir, "ppo.pt")
@@ -229,13 +269,16 @@ def main() -> None:
         value_optimizer.load_state_dict(ckpt["value_optimizer"])
         kl_controller.value = float(ckpt["kl_coef"])
         rng.set_state(ckpt["rng_state"])
-        sample_generator.set_state(ckpt["sample_rng_state"])
+        restore_sample_generator(sample_generator, ckpt, runtime)
         start_update = ckpt["step"]
         gold_normaliser = tuple(ckpt["gold_normaliser"]) if ckpt.get("gold_normaliser") else None
         baseline = {k: v for k, v in ckpt["metrics"].items() if k.startswith("sft/")}
         print(f"resumed from {out_path} at update {start_update}, kl_coef {kl_controller.value:.4g}")
         if start_update >= cfg.total_updates:
             raise UserError(f"{out_path} is already at update {start_update} >= --total-updates {cfg.total_updates}")
+    # the modules the TRAINING forwards go through: DistributedDataParallel under torchrun (its
+    # backward averages the gradients over the ranks), the models themselves in one process
+    train_policy, train_critic = runtime.wrap(policy), runtime.wrap(critic)
 
     def evaluate(update: int) -> dict:
         if not eval_prompts:
@@ -243,7 +286,7 @@ def main() -> None:
         result = evaluate_policy(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                  reward_scorer=reward_scorer, generator=runtime.generator(cfg.seed),
-                                 batch_size=cfg.batch_size)
+                                 batch_size=cfg.batch_size, runtime=runtime)
         result.pop("samples")
         if not baseline:   # the SFT policy's numbers: what progress is measured against
             baseline.update({"sft/gold": result["eval/gold"], "sft/gold_sd": result["eval/gold_sd"]})
@@ -254,22 +297,30 @@ def main() -> None:
         return result
 
     def save(update: int, summary: dict) -> None:
+        # every rank's sampling dice (a collective: all ranks call save), so that --resume gives each its own
+        sample_rng_states = runtime.gather_objects([sample_generator.get_state().cpu()])
+        if not runtime.is_main:
+            return   # rank 0 alone writes
         save_checkpoint(out_path, kind="ppo", model_state=policy.state_dict(), model_config=asdict(policy.config),
                         tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=update,
                         metrics={**summary, **baseline}, value_model=critic.state_dict(),
                         value_model_config=asdict(critic.config), policy_optimizer=policy_optimizer.state_dict(),
                         value_optimizer=value_optimizer.state_dict(), kl_coef=float(kl_controller.value),
-                        rng_state=rng.get_state(), sample_rng_state=sample_generator.get_state().cpu(),
+                        rng_state=rng.get_state(), sample_rng_state=sample_rng_states[0],   # (older readers)
+                        sample_rng_states=sample_rng_states,
                         gold_normaliser=list(gold_normaliser) if gold_normaliser else None, reward=cfg.reward)
 
     # ---- the loop
     print(f"PPO: {cfg.total_updates} updates x {cfg.batch_size} prompts, reward = {cfg.reward}, "
           f"{len(prompts)} prompts, {len(eval_prompts)} x {cfg.eval_samples} held-out samples per evaluation")
+    if runtime.distributed:
+        print(f"data parallel: {runtime.world_size} processes x {cfg.batch_size // runtime.world_size} prompts "
+              f"({runtime.device}, {runtime.dtype})")
     progress = Progress(cfg.total_updates, desc="ppo", every=1, start=start_update)
     prompt_order: list[int] = []
     start = time.time()
     summary: dict = {}
-    with MetricsLogger(metrics_path, append=cfg.resume) as log:
+    with MetricsLogger(metrics_path, append=cfg.resume, enabled=runtime.is_main) as log:
         if start_update == 0 and eval_prompts:
             log.log(0, **evaluate(0))
         for update in range(start_update, cfg.total_updates):
@@ -279,17 +330,20 @@ def main() -> None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr * lr_scale
 
-            # 1-2. rollout and scores
+            # 1-2. rollout and scores. Every rank draws the same global batch; each samples its share.
             while len(prompt_order) < cfg.batch_size:        # passes over the prompts, reshuffled each time
                 prompt_order += torch.randperm(len(prompts), generator=rng).tolist()
-            batch_prompts = [prompts[i] for i in prompt_order[:cfg.batch_size]]
+            global_batch = [prompts[i] for i in prompt_order[:cfg.batch_size]]
             del prompt_order[:cfg.batch_size]
+            batch_prompts = runtime.shard(global_batch)   # this rank's B / W of them (all B in one process)
             texts, _, (generation,) = sample_responses(policy, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens,
                                                        temperature=cfg.temperature, generator=sample_generator,
-                                                       batch_size=cfg.batch_size)   # one batch: one Generation
+                                                       batch_size=len(batch_prompts))   # one batch: one Generation
             if cfg.reward == "gold" and gold_normaliser is None:
-                # the SFT policy's gold mean and spread on this first batch give the gold reward the RM's scale
+                # the SFT policy's gold mean and spread on this first batch (every rank's samples)
+                # give the gold reward the RM's scale
                 _, first_gold, _ = score_rollout(generation, batch_prompts, texts, reward="gold")
+                first_gold = torch.tensor(runtime.gather_objects(first_gold.tolist()))
                 gold_normaliser = (first_gold.mean().item(), max(first_gold.std(unbiased=False).item(), 1e-3))
                 print(f"gold reward normalised with the SFT batch's mean {gold_normaliser[0]:.3f}, "
                       f"sd {gold_normaliser[1]:.3f}")
@@ -299,40 +353,44 @@ def main() -> None:
             rollout = Rollout.from_generation(generation, scores)
             rollout_seconds = time.time() - t0
 
-            # 3-4. old logprobs, reference logprobs, values; rewards and advantages
-            orders = minibatch_orders(cfg.batch_size, cfg.num_minibatches, cfg.ppo_epochs, rng)
+            # 3-4. old logprobs, reference logprobs, values (this rank's rows, no gradient: the
+            # models themselves, not the DDP wrappers); rewards and advantages, whitened over all ranks
+            orders = minibatch_orders(rollout.batch_size, cfg.num_minibatches, cfg.ppo_epochs, rng)
             forward_rollout(rollout, policy, ref_policy, critic, temperature=cfg.temperature, minibatches=orders[0])
             kl_coef = kl_controller.value
             rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = compute_advantages(
                 rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.response_mask,
-                kl_coef=kl_coef, gamma=cfg.gamma, lam=cfg.lam, kl_estimator=cfg.kl_estimator)
-            record = rollout_stats(rollout, kl_coef)
-            record["objective/gold"] = gold.mean().item()
+                kl_coef=kl_coef, gamma=cfg.gamma, lam=cfg.lam, kl_estimator=cfg.kl_estimator,
+                all_reduce=runtime.all_reduce_sum)
+            record = rollout_stats(rollout, kl_coef, runtime)   # means over every rank's rows
+            objective = {"objective/gold": (gold.mean().item(), len(gold))}   # (this rank's mean, its samples)
             if rm is not None:
-                record["objective/rm"] = rm.mean().item()
+                objective["objective/rm"] = (rm.mean().item(), len(rm))
+            record.update(means_over_ranks(runtime, objective))
 
             # 5. PPO epochs, then the KL controller sees this batch's KL
             t1 = time.time()
-            update_stats = ppo_update(rollout, policy, critic, policy_optimizer, value_optimizer, orders=orders,
-                                      temperature=cfg.temperature, clip_range=cfg.clip_range,
+            update_stats = ppo_update(rollout, train_policy, train_critic, policy_optimizer, value_optimizer,
+                                      orders=orders, temperature=cfg.temperature, clip_range=cfg.clip_range,
                                       clip_range_value=cfg.clip_range_value, grad_clip=cfg.grad_clip,
-                                      target_kl=cfg.target_kl, ptx_batch=ptx_batch, ptx_coef=cfg.ptx_coef, step=update + 1)
+                                      target_kl=cfg.target_kl, ptx_batch=ptx_batch, ptx_coef=cfg.ptx_coef,
+                                      step=update + 1, runtime=runtime)
             update_stats.pop("minibatch_stats")
             kl_controller.update(record["objective/kl"], cfg.batch_size)
-            n_tokens = int(rollout.response_mask.sum().item())
+            (n_tokens,) = runtime.sum_over_ranks(rollout.response_mask.sum().item())   # every rank's (progress line)
             record.update(update_stats)
             record.update({"kl_coef": kl_coef, "lr": cfg.lr * lr_scale, "time/rollout_s": rollout_seconds,
                            "time/update_s": time.time() - t1,
                            "time/episodes_per_s": cfg.batch_size / (time.time() - t0)})
 
             step = update + 1
-            if step % cfg.sample_every == 0 or step == 1:
+            if step % cfg.sample_every == 0 or step == 1:   # (rank 0's samples)
                 for prompt, text, score, g in list(zip(batch_prompts, texts, scores.tolist(), gold.tolist()))[:3]:
                     print(f"  [sample] {prompt!r} -> {text!r} | score {score:+.2f} | gold {g:.2f}")
             if step == cfg.total_updates or (cfg.eval_every and step % cfg.eval_every == 0):
                 record.update(evaluate(step))
             log.log(step, **record)
-            progress.log(step, tokens=n_tokens, score=record["objective/scores"], gold=record["objective/gold"],
+            progress.log(step, tokens=int(n_tokens), score=record["objective/scores"], gold=record["objective/gold"],
                          kl=record["objective/kl"], beta=kl_coef, clipfrac=record["policy/clipfrac"])
             summary = {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             if step % cfg.save_every == 0 or step == cfg.total_updates:
@@ -341,6 +399,8 @@ def main() -> None:
     minutes = (time.time() - start) / 60
     summary["minutes"] = minutes
     save(cfg.total_updates, summary)
+    if not runtime.is_main:
+        return   # rank 0 alone plots and reports
     curves = os.path.join(cfg.out_dir, "ppo_curves.png")
     overopt = os.path.join(cfg.out_dir, "ppo_overopt.png")
     records = read_metrics(metrics_path)

@@ -120,7 +120,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> t
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, *, all_reduce=None
 ) -> torch.Tensor:
     """Normalise ``x`` to zero mean and unit variance over its valid entries.
 
@@ -135,14 +135,32 @@ def masked_whiten(
         mask: bool or 0/1 float, same shape.
         shift_mean: subtract the mean (True) or keep it (False).
         eps: added to the variance, so a constant ``x`` gives 0 rather than ``nan``.
+        all_reduce: data parallelism. ``None`` (the default): the statistics of this ``x`` alone.
+            Otherwise a function returning the sum over the processes of a tensor (e.g.
+            ``Runtime.all_reduce_sum``), and ``x`` is this process's share of the batch: the mean
+            and variance are then those of *every* process's valid entries, so each process whitens
+            its share exactly as one process would whiten the whole batch (with per-process
+            statistics, a process whose advantages happen to be high would call them average).
+            Two passes: the global sum and count give the mean, then the global sum of squared
+            deviations from it gives the variance (``masked_var``'s arithmetic; a one-pass
+            ``E[x^2] - E[x]^2`` would lose digits to cancellation). ``Runtime.all_reduce_sum``
+            returns detached sums, so no gradient flows through the statistics: fine for
+            advantages, which are constants to the losses anyway.
 
     Returns:
         Same shape and dtype as ``x``; **0 at padded positions** (like every per-token quantity in
         this library: nothing meaningful lives there, and a stray unmasked sum then adds nothing).
     """
     # BEGIN SOLUTION
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=False)  # population variance, as LHP/TRL
+    if all_reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=False)  # population variance, as LHP/TRL
+    else:
+        # masked_mean's arithmetic, with the sums and the count taken over every process
+        weights = mask.to(x.dtype).expand_as(x)
+        count = all_reduce(weights.sum()).clamp(min=1.0)
+        mean = all_reduce(torch.where(weights != 0, x, 0.0).sum()) / count
+        var = all_reduce(torch.where(weights != 0, (x - mean) ** 2, 0.0).sum()) / count
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean  # trap: keep the mean, rescale only

@@ -34,6 +34,21 @@ Three details that are easy to get wrong, pinned here and in `tests/test_ppo.py`
   ``eval()`` only switches dropout off; gradients flow the same.
 * **The KL the adaptive controller sees** is the per-sequence *sum* of per-token KL, averaged over
   the batch (``objective/kl``), in nats per response.
+
+**Data parallelism** (``torchrun --nproc_per_node=W train_ppo.py``). The B prompts of an update
+are split over the W ranks; each rank samples, scores and runs the forward passes of its B/W rows
+alone, with its own dice. What must see the whole batch is reduced over the ranks (the functions
+that do it take an optional `Runtime`, or `all_reduce`; without one, or in one process, they are
+exactly the single-process functions):
+
+* advantages are whitened with the mean and variance of *every* rank's valid tokens;
+* each rank cuts its rows into the same number of minibatches; minibatch j of the update is the
+  union of every rank's minibatch j. A loss that is a mean over valid tokens divides this rank's
+  sum by (tokens of the global minibatch / W) (`token_share`): DDP averages the W gradients, so
+  the step is exactly one process's step on the global minibatch;
+* the logged means, the KL the controller sees and the approximate KL that stops an update early
+  (`target_kl`) are means over every rank's tokens or samples (all ranks stop together; a rank
+  that skipped a minibatch would leave the others waiting in DDP's all-reduce).
 """
 
 from __future__ import annotations
@@ -45,11 +60,11 @@ import torch
 
 from minirlhf import labeler
 from minirlhf.kernels import gae
-from minirlhf.losses import (explained_variance, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss,
-                             ppo_value_loss)
+from minirlhf.losses import kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from minirlhf.model import GPT, ValueModel
+from minirlhf.runtime import Runtime
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import check_finite, lm_loss, response_logprobs, sample_responses
+from minirlhf.training import check_finite, lm_loss, response_logprobs, sample_responses, unwrap
 
 __all__ = [
     "Rollout",
@@ -62,6 +77,8 @@ __all__ = [
     "compute_advantages",
     "ppo_update",
     "rollout_stats",
+    "token_share",
+    "means_over_ranks",
     "critic_from_reward_model",
     "critic_from_policy",
     "evaluate_policy",
@@ -274,7 +291,8 @@ def forward_rollout(rollout: Rollout, policy: GPT, ref_policy: GPT, critic: Valu
 @torch.no_grad()
 def compute_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                        values: torch.Tensor, response_mask: torch.Tensor, *, kl_coef: float,
-                       gamma: float = 1.0, lam: float = 0.95, kl_estimator: str = "k1", whiten: bool = True):
+                       gamma: float = 1.0, lam: float = 0.95, kl_estimator: str = "k1", whiten: bool = True,
+                       all_reduce=None):
     """KL-shaped rewards -> GAE -> returns -> whitened advantages. All (B, R) but `scores` (B,).
 
         kl[t]       = kl_penalty(logprobs, ref_logprobs)[t]       (k1: log pi(y_t) - log pi_ref(y_t))
@@ -286,13 +304,71 @@ def compute_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprob
     So a row's rewards sum to ``score - kl_coef * sum_t kl[t]``: the sequence-level objective of
     InstructGPT eq. 2, ``r(x, y) - beta * log(pi(y|x) / pi_ref(y|x))``, paid out token by token.
 
+    Everything is per row except the whitening: under data parallelism pass
+    ``all_reduce=runtime.all_reduce_sum`` so that the batch whitened over is every rank's rows.
+
     Returns (rewards, kl, advantages, returns).
     """
     rewards, kl = kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, kl_kind=kl_estimator)
     advantages, returns = gae(rewards, values, response_mask, gamma, lam)
-    if whiten:
-        advantages = masked_whiten(advantages, response_mask)  # trap: after `returns`, never before
+    if whiten:   # trap: after `returns`, never before
+        advantages = masked_whiten(advantages, response_mask, all_reduce=all_reduce)
     return rewards, kl, advantages, returns
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallelism: from this rank's share to the whole batch
+# ----------------------------------------------------------------------------------------------
+
+
+def token_share(n_tokens: float, runtime: Runtime) -> float:
+    """The factor that turns this rank's token-mean loss into its share of the GLOBAL minibatch's.
+
+    n_tokens: n_r, the valid tokens of rank r's part of the minibatch. A token-mean loss
+    ``masked_mean(l, mask)`` is ``S_r / n_r``, the loss summed over those tokens divided by their
+    number. DDP averages the W ranks' gradients, so for the mean over all ``N = n_1 + ... + n_W``
+    tokens each rank must contribute ``S_r / (N / W)``:
+
+        1/W * (S_1 + ... + S_W) / (N / W)  =  (S_1 + ... + S_W) / N
+
+    That is its token mean times ``n_r / (N / W)``, the factor returned: a rank with more tokens
+    weighs more (a plain average of the ranks' means would overweight the tokens of a rank with
+    short responses). One all-reduce; exactly 1.0 in one process, where the loss stays bit for bit
+    what it was.
+    """
+    (total,) = runtime.sum_over_ranks(n_tokens)
+    return n_tokens * runtime.world_size / max(total, 1.0)
+
+
+def means_over_ranks(runtime: Runtime, local: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Means over every rank's tokens (or samples) from each rank's own means.
+
+    local: name -> (this rank's mean, its weight: the number of tokens or samples it averages).
+    Returns name -> sum_r(weight_r * mean_r) / sum_r(weight_r), 0 where no rank has any weight
+    (as `masked_mean` of nothing). One all-reduce for every name.
+
+    In one process this is each mean itself, bit for bit: a float32 mean has 24 significant bits
+    and a count n < 2^29 another 29, so ``mean * n`` is exact in float64 and dividing it by n gives
+    the mean back - the single-process metrics stay exactly what they were.
+    """
+    pairs = list(local.values())
+    totals = runtime.sum_over_ranks(*(mean * weight for mean, weight in pairs), *(weight for _, weight in pairs))
+    weighted, weights = totals[:len(pairs)], totals[len(pairs):]
+    return {name: total / weight if weight else 0.0 for name, total, weight in zip(local, weighted, weights)}
+
+
+def masked_var_over_ranks(x: torch.Tensor, mask: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """`losses.masked_var` (population) of every rank's valid entries: the same arithmetic, with the
+    sums and counts all-reduced (two passes: the mean, then the squared deviations from it)."""
+    weights = mask.to(x.dtype).expand_as(x)
+    count = runtime.all_reduce_sum(weights.sum()).clamp(min=1.0)
+    mean = runtime.all_reduce_sum(torch.where(weights != 0, x, 0.0).sum()) / count
+    return runtime.all_reduce_sum(torch.where(weights != 0, (x - mean) ** 2, 0.0).sum()) / count
+
+
+def single_process(device: torch.device) -> Runtime:
+    """The runtime of a plain `python` run: every reduction above is the identity."""
+    return Runtime(device=torch.device(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +379,7 @@ def compute_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprob
 def ppo_update(rollout: Rollout, policy: GPT, critic: ValueModel, policy_optimizer, value_optimizer, *,
                orders: list[list[torch.Tensor]], temperature: float, clip_range: float, clip_range_value: float,
                grad_clip: float = 1.0, target_kl: float = 0.0, ptx_batch=None, ptx_coef: float = 0.0,
-               step: int = 0) -> dict:
+               step: int = 0, runtime: Runtime | None = None) -> dict:
     """PPO epochs over shuffled minibatches of one rollout; steps both optimizers once per minibatch.
 
     Per minibatch (Schulman et al. 2017; the LHP/TRL variant, Huang et al. 2024):
@@ -314,16 +390,26 @@ def ppo_update(rollout: Rollout, policy: GPT, critic: ValueModel, policy_optimiz
     need no relative weight (no ``vf_coef``). Gradients are clipped to `grad_clip` (0: off).
 
     Args:
+        rollout: this rank's rows (all of them in one process).
+        policy, critic: the models to train. Under torchrun pass them wrapped ONCE per run,
+            ``runtime.wrap(model)`` (DistributedDataParallel): the training forwards run through
+            the wrapper, whose backward averages the gradients over the ranks.
         orders: from `minibatch_orders`: the minibatches of each epoch (the first epoch's split must
-            be the one `forward_rollout` used).
+            be the one `forward_rollout` used). Every rank must have as many minibatches.
         target_kl: stop the update early (skip its remaining minibatches) once a minibatch's
             approximate KL to the rollout policy exceeds it; 0 disables.
-        ptx_batch: a function returning (inputs, targets) of pretraining text, or None.
+        ptx_batch: a function returning (inputs, targets) of pretraining text, or None. Under
+            torchrun, this rank's equal share of the pretraining batch.
         step: the update number, for the message if a loss is NaN/Inf (`check_finite` stops the run).
+        runtime: the processes (see the module docstring); None: one process.
 
     Returns the stats: means over the minibatches run (``policy/approxkl``, ...), ``minibatch_stats``
     (one dict per minibatch, in order: the first has ratio 1) and ``policy/epochs`` (epochs started).
+    Every stat is over the global minibatch (all ranks' rows), and the same on every rank.
     """
+    runtime = runtime or single_process(rollout.sequences.device)
+    if runtime.distributed and (unwrap(policy) is policy or unwrap(critic) is critic):
+        raise ValueError("under torchrun, pass ppo_update the DDP-wrapped models (runtime.wrap(model))")
     policy.eval()  # dropout off: eval() only switches dropout; gradients flow as in train()
     critic.eval()
     minibatch_stats = []
@@ -334,19 +420,23 @@ def ppo_update(rollout: Rollout, policy: GPT, critic: ValueModel, policy_optimiz
         for index in epoch_minibatches:
             batch = rollout.select(index)
             mask = batch.response_mask
+            n_tokens = mask.sum().item()             # this rank's valid tokens in the minibatch
+            share = token_share(n_tokens, runtime)   # 1.0 in one process
 
             # ---- policy: clipped surrogate (+ optional pretraining mix)
             logprobs, entropy = policy_logprobs(policy, batch, temperature)             # (b, R') each
             policy_loss, policy_stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, clip_range)
-            loss = policy_loss
+            loss = policy_loss * share   # this rank's share of the global minibatch's token mean
             ptx_loss = None
             if ptx_batch is not None and ptx_coef > 0:
+                # this rank's share of the windows; every rank holds as many full windows, so its
+                # plain mean is already its share of the global mean (DDP averages)
                 inputs, targets = ptx_batch()
                 ptx_loss = lm_loss(policy, inputs, targets)
                 loss = loss + ptx_coef * ptx_loss
             check_finite(loss, step, "the policy loss")
             policy_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()   # under DDP: the gradients are averaged over the ranks here
             policy_grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip or float("inf"))
             policy_optimizer.step()
 
@@ -355,25 +445,41 @@ def ppo_update(rollout: Rollout, policy: GPT, critic: ValueModel, policy_optimiz
             value_loss, value_stats = ppo_value_loss(values, batch.values, batch.returns, mask, clip_range_value)
             check_finite(value_loss, step, "the value loss")
             value_optimizer.zero_grad(set_to_none=True)
-            value_loss.backward()
+            (value_loss * share).backward()
             value_grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip or float("inf"))
             value_optimizer.step()
 
-            minibatch_stats.append({
+            # ---- stats of the global minibatch: token-weighted means over the ranks. The gradient
+            # norms need none: after DDP's all-reduce every rank holds the same gradients.
+            token_means = {
                 "loss/policy": policy_stats["policy_loss"],
                 "loss/value": value_stats["value_loss"],
                 "policy/clipfrac": policy_stats["clipfrac"],
                 "policy/approxkl": policy_stats["approxkl"],
                 "policy/ratio_mean": policy_stats["ratio_mean"],
-                "policy/ratio_max": policy_stats["ratio_max"],
                 "policy/entropy": masked_mean(entropy.detach(), mask).item(),
-                "policy/grad_norm": policy_grad_norm.item(),
                 "val/clipfrac": value_stats["clipfrac"],
+            }
+            local = {name: (value, n_tokens) for name, value in token_means.items()}
+            if ptx_loss is not None:
+                local["loss/ptx"] = (ptx_loss.item(), targets.numel())
+            stats = means_over_ranks(runtime, local)
+            minibatch_stats.append({
+                "loss/policy": stats["loss/policy"],
+                "loss/value": stats["loss/value"],
+                "policy/clipfrac": stats["policy/clipfrac"],
+                "policy/approxkl": stats["policy/approxkl"],
+                "policy/ratio_mean": stats["policy/ratio_mean"],
+                "policy/ratio_max": max(runtime.gather_objects([policy_stats["ratio_max"]])),
+                "policy/entropy": stats["policy/entropy"],
+                "policy/grad_norm": policy_grad_norm.item(),
+                "val/clipfrac": stats["val/clipfrac"],
                 "val/grad_norm": value_grad_norm.item(),
             })
             if ptx_loss is not None:
-                minibatch_stats[-1]["loss/ptx"] = ptx_loss.item()
-            if target_kl > 0 and policy_stats["approxkl"] > target_kl:
+                minibatch_stats[-1]["loss/ptx"] = stats["loss/ptx"]
+            # the global approximate KL: every rank takes the same decision (DDP needs them in step)
+            if target_kl > 0 and stats["policy/approxkl"] > target_kl:
                 stop = True
                 break
         if stop:
@@ -387,21 +493,41 @@ def ppo_update(rollout: Rollout, policy: GPT, critic: ValueModel, policy_optimiz
     return stats
 
 
-def rollout_stats(rollout: Rollout, kl_coef: float) -> dict:
-    """The per-update objective metrics of a rollout (TRL's names). Sums are per sequence."""
+def rollout_stats(rollout: Rollout, kl_coef: float, runtime: Runtime | None = None) -> dict:
+    """The per-update objective metrics of a rollout (TRL's names). Sums are per sequence.
+
+    Means over every rank's rows: this rank's per-sample means weighted by its rows, its per-token
+    means by its valid tokens (`means_over_ranks`); the explained variance from global variances.
+    """
+    runtime = runtime or single_process(rollout.sequences.device)
     mask = rollout.response_mask
     kl_per_sequence = rollout.kl.sum(dim=1)                                   # (B,)
+    rows, tokens = rollout.batch_size, mask.sum().item()
+    mean = means_over_ranks(runtime, {
+        "scores": (rollout.scores.mean().item(), rows),
+        "kl": (kl_per_sequence.mean().item(), rows),
+        "non_score_reward": ((-kl_coef * kl_per_sequence).mean().item(), rows),
+        "rlhf_reward": (rollout.rewards.sum(dim=1).mean().item(), rows),      # = scores - kl_coef * kl
+        "entropy": (masked_mean(rollout.entropy, mask).item(), tokens),
+        "values": (masked_mean(rollout.values, mask).item(), tokens),
+        "returns": (masked_mean(rollout.returns, mask).item(), tokens),
+        "length": (mask.sum(dim=1).mean().item(), rows),
+        "eos": (rollout.ended.float().mean().item(), rows),
+    })
+    # losses.explained_variance (1 - Var[R - V] / Var[R]), with the variances of every rank's tokens
+    var_returns = masked_var_over_ranks(rollout.returns, mask, runtime).item()
+    var_residual = masked_var_over_ranks(rollout.returns - rollout.values, mask, runtime).item()
     return {
-        "objective/scores": rollout.scores.mean().item(),
-        "objective/kl": kl_per_sequence.mean().item(),
-        "objective/non_score_reward": (-kl_coef * kl_per_sequence).mean().item(),
-        "objective/rlhf_reward": rollout.rewards.sum(dim=1).mean().item(),    # = scores - kl_coef * kl
-        "objective/entropy": masked_mean(rollout.entropy, mask).item(),
-        "val/explained_variance": explained_variance(rollout.values, rollout.returns, mask),
-        "val/mean": masked_mean(rollout.values, mask).item(),
-        "val/returns_mean": masked_mean(rollout.returns, mask).item(),
-        "response_length": mask.sum(dim=1).mean().item(),
-        "eos_rate": rollout.ended.float().mean().item(),
+        "objective/scores": mean["scores"],
+        "objective/kl": mean["kl"],
+        "objective/non_score_reward": mean["non_score_reward"],
+        "objective/rlhf_reward": mean["rlhf_reward"],
+        "objective/entropy": mean["entropy"],
+        "val/explained_variance": math.nan if var_returns == 0.0 else 1.0 - var_residual / var_returns,
+        "val/mean": mean["values"],
+        "val/returns_mean": mean["returns"],
+        "response_length": mean["length"],
+        "eos_rate": mean["eos"],
     }
 
 
@@ -441,7 +567,7 @@ def critic_from_policy(policy: GPT) -> ValueModel:
 @torch.no_grad()
 def evaluate_policy(policy: GPT, ref_policy: GPT, tokenizer: Tokenizer, prompts: list[str], *, samples_per_prompt: int,
                     max_new_tokens: int, temperature: float, generator: torch.Generator, reward_scorer=None,
-                    batch_size: int = 64) -> dict:
+                    batch_size: int = 64, runtime: Runtime | None = None) -> dict:
     """Sample `samples_per_prompt` responses per held-out prompt and summarise them.
 
     One PPO batch's gold mean swings by a few tenths from batch to batch (different prompts, one
@@ -449,17 +575,23 @@ def evaluate_policy(policy: GPT, ref_policy: GPT, tokenizer: Tokenizer, prompts:
     fixed sampling seed (so two evaluations differ by the policy, not by the dice): pass a fresh
     `generator` (`Runtime.generator(seed)`) to each call.
 
+    Under torchrun each rank samples its share of the (prompt, sample) pairs (`Runtime.shard`) with
+    its own generator; the per-sample results are gathered, put back in order, and summarised on
+    every rank as one process would (in one process the share is everything: nothing changes).
+
     Returns ``eval/gold`` (mean gold total), ``eval/gold/<part>`` (mean of each rubric part, in
     [0, 1]: which one PPO improves), ``eval/gold_sd`` (the totals' spread over samples),
     ``eval/rm`` (mean normalised RM score, when a scorer is given), ``eval/kl`` (per-sequence
     summed log pi/pi_ref, averaged: the KL of these samples to the reference), ``eval/eos_rate``,
     ``eval/response_length``, plus ``samples``: (prompt, response, gold) triples.
     """
+    runtime = runtime or single_process(policy.lm_head.weight.device)
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    gold, rm, kl, ended, lengths, samples = [], [], [], [], [], []
-    parts = {name: 0.0 for name in labeler.WEIGHTS}   # sums of each rubric part
-    for start in range(0, len(all_prompts), batch_size):
-        chunk = all_prompts[start:start + batch_size]
+    mine = runtime.shard(list(range(len(all_prompts))))   # this rank's (prompt, sample) pairs
+    results = []   # one dict per sample: its index in all_prompts, then what the summary needs
+    for start in range(0, len(mine), batch_size):
+        indices = mine[start:start + batch_size]
+        chunk = [all_prompts[i] for i in indices]
         texts, _, (generation,) = sample_responses(policy, tokenizer, chunk, max_new_tokens=max_new_tokens,
                                                    temperature=temperature, generator=generator,
                                                    batch_size=len(chunk))
@@ -467,28 +599,32 @@ def evaluate_policy(policy: GPT, ref_policy: GPT, tokenizer: Tokenizer, prompts:
         P, mask = generation.prompt_ids.shape[1], generation.response_mask.float()
         logprobs = response_logprobs(policy, sequences, attention_mask, P, temperature)
         ref_logprobs = response_logprobs(ref_policy, sequences, attention_mask, P, temperature)
-        kl += ((logprobs - ref_logprobs) * mask).sum(dim=1).tolist()
-        if reward_scorer is not None:
-            rm += reward_scorer.score_tokens(sequences, attention_mask).tolist()
-        for prompt, text, end in zip(chunk, texts, generation.ended.tolist()):
+        kl = ((logprobs - ref_logprobs) * mask).sum(dim=1).tolist()
+        rm = reward_scorer.score_tokens(sequences, attention_mask).tolist() if reward_scorer is not None else None
+        lengths = mask.sum(dim=1).tolist()
+        for row, (index, prompt, text, end) in enumerate(zip(indices, chunk, texts, generation.ended.tolist())):
             score = labeler.score(prompt, text, end)
-            gold.append(score.total)
-            for name, value in score.parts.items():
-                parts[name] += value
-            samples.append((prompt, text, gold[-1]))
-        ended += generation.ended.tolist()
-        lengths += mask.sum(dim=1).tolist()
-    n = len(gold)
+            results.append({"index": index, "prompt": prompt, "text": text, "gold": score.total,
+                            "parts": score.parts, "kl": kl[row], "rm": None if rm is None else rm[row],
+                            "ended": end, "length": lengths[row]})
+    results = sorted(runtime.gather_objects(results), key=lambda r: r["index"])   # every rank's, in order
+
+    n = len(results)
+    gold = [r["gold"] for r in results]
     gold_mean = sum(gold) / n
+    parts = {name: 0.0 for name in labeler.WEIGHTS}   # sums of each rubric part
+    for r in results:
+        for name, value in r["parts"].items():
+            parts[name] += value
     result = {
         "eval/gold": gold_mean,
         "eval/gold_sd": math.sqrt(sum((g - gold_mean) ** 2 for g in gold) / n),
-        "eval/kl": sum(kl) / n,
-        "eval/eos_rate": sum(ended) / n,
-        "eval/response_length": sum(lengths) / n,
-        "samples": samples,
+        "eval/kl": sum(r["kl"] for r in results) / n,
+        "eval/eos_rate": sum(r["ended"] for r in results) / n,
+        "eval/response_length": sum(r["length"] for r in results) / n,
+        "samples": [(r["prompt"], r["text"], r["gold"]) for r in results],
     }
     result.update({f"eval/gold/{name}": total / n for name, total in parts.items()})
-    if rm:
-        result["eval/rm"] = sum(rm) / n
+    if reward_scorer is not None:
+        result["eval/rm"] = sum(r["rm"] for r in results) / n
     return result

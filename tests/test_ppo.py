@@ -9,7 +9,8 @@ loop puts them together, each with a plain reference or a hand-worked value:
 * alignment: the recomputed logprobs equal the sampler's (off-by-one and temperature), the values
   sit at "state before token t", padding is trimmed without changing anything;
 * the first minibatch of an update has ratio exactly 1, clipfrac 0, approximate KL 0 (with a model
-  built with dropout, so leaving dropout on would fail it); every sample once per epoch;
+  built with dropout, so leaving dropout on would fail it; and under bf16 autocast); every sample
+  once per epoch;
 * policy = reference gives zero KL and rewards equal to the score on the last valid token;
 * toy bandits: +1 on one token makes it more likely (less when negated); with a KL penalty PPO
   approaches pi_ref * exp(r / beta) / Z;
@@ -39,6 +40,7 @@ from minirlhf.model import GPT, GPTConfig, RewardModel, ValueModel
 from minirlhf.ppo import (Rollout, compute_advantages, critic_from_reward_model, forward_rollout, minibatch_orders,
                           ppo_update, score_rollout)
 from minirlhf.reward import RewardScorer
+from minirlhf.runtime import Runtime
 from minirlhf.tokenizer import Tokenizer, save_ranks, train_bpe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,6 +246,25 @@ def test_first_minibatch_has_ratio_exactly_one_even_with_dropout_configured():
     assert len(later) == 5, f"2 epochs x 3 minibatches: expected 6 minibatches, got {len(later) + 1}"
     assert any(s["policy/approxkl"] > 0 for s in later), "the policy should have moved after its first step"
     assert not policy.training and not critic.training, "the update leaves the models in eval() mode"
+
+
+def test_first_minibatch_has_ratio_exactly_one_under_bf16():
+    # --dtype bf16: the blocks run under bf16 autocast, the old and the new logprobs alike; they
+    # still come out of the same arithmetic on the same minibatch, so the ratio is still exactly 1
+    runtime = Runtime(device=torch.device("cpu"), dtype="bf16")
+    policy = runtime.prepare(toy_gpt(0))
+    critic = runtime.prepare(toy_critic(1, policy.config))
+    assert policy.autocast_dtype == torch.bfloat16, "Runtime.prepare should switch bf16 autocast on"
+    generation = toy_generation(policy, temperature=0.8)
+    rollout, orders = rollout_for(policy, generation, scores=torch.randn(6, generator=torch.Generator().manual_seed(1)),
+                                  critic=critic, temperature=0.8, num_minibatches=3)
+    rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = compute_advantages(
+        rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.response_mask, kl_coef=0.1)
+    stats = run_one_update(policy, critic, rollout, orders, temperature=0.8)
+    first = stats["minibatch_stats"][0]
+    assert first["policy/ratio_mean"] == 1.0 and first["policy/ratio_max"] == 1.0, f"bf16 first minibatch: {first}"
+    assert first["policy/approxkl"] == 0.0 and first["policy/clipfrac"] == 0.0, f"bf16 first minibatch: {first}"
+    assert any(s["policy/approxkl"] > 0 for s in stats["minibatch_stats"][1:]), "the policy should have moved"
 
 
 def test_target_kl_stops_the_update_early():

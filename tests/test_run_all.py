@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,6 +82,20 @@ def test_the_first_failing_stage_stops_the_pipeline_with_its_message(tmp_path):
     assert "=== rm" not in result.stdout, "nothing runs after the failing stage"
     assert not (out / "sft.pt").exists()
     assert "not a readable torch checkpoint" in (out / "logs" / "sft.log").read_text()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("extra", [[], ["--nproc-per-node", "1", "--dtype", "fp32"]], ids=["bf16", "fp32"])
+def test_smoke_pipeline_on_cuda(tmp_path, extra):
+    """Every stage on the GPU, end to end: the first GPU run ever made crashed at its first sample
+    (a sampling generator made on the CPU); this is the test that would have shown it."""
+    dirs = ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")]
+    result = run("--preset", "smoke", "--device", "cuda", *dirs, *extra, timeout=600)
+    assert result.returncode == 0, f"run_all.py on CUDA failed:\n{result.stdout[-3000:]}\n{result.stderr}"
+    assert table_rows(result.stdout) == {name: "ran" for name in run_all.STAGE_NAMES}
+    for stage in ("base", "sft", "rm", "ppo"):
+        log = (tmp_path / "out" / "logs" / f"{stage}.log").read_text()
+        assert re.search(r"\bdevice\s+= cuda\b", log), f"{stage} did not run on CUDA"
 
 
 def test_stage_commands_pass_the_common_flags():

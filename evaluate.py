@@ -1,6 +1,7 @@
-"""Step 4: what did RLHF do? Base vs SFT vs PPO, and best-of-n, on held-out prompts.
+"""Step 4: what did RLHF do? Base vs SFT vs PPO (and DPO, GRPO, RLOO), and best-of-n, on held-out prompts.
 
-Reads  out/base.pt, out/sft.pt, out/ppo.pt (those that exist), out/rm.pt (optional),
+Reads  out/base.pt, out/sft.pt, out/ppo.pt, out/dpo.pt, out/grpo.pt, out/rloo.pt (those that exist),
+       out/rm.pt (optional),
        out/ppo_metrics.jsonl (optional), data/eval_prompts.jsonl (prompts in no training file)
 Writes out/eval.md   tables, and the same prompts answered side by side by each model
        out/eval.png  gold score per model (split into its rubric parts) and the win rates
@@ -54,6 +55,8 @@ from minirlhf.reward import gold_agreement, load_reward_model
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import response_logprobs, sample_responses
 from minirlhf.runtime import setup_runtime
+from minirlhf.stats import (best_of_n_expected, best_of_n_kl, fit_gao, gao_curve, kl_regularised_optimum,
+                            sqrt_kl, win_rate)
 
 
 @dataclass
@@ -96,118 +99,9 @@ PRESETS = {
     "medium": {},
     "small": dict(samples=8, bon_prompts=0),
 }
-DEFAULT_STAGES = ("base", "sft", "ppo")
-TIE_TOLERANCE = 1e-9  # two gold totals closer than this are a tie (they are sums of fractions)
+DEFAULT_STAGES = ("base", "sft", "ppo")          # a note says when one of these is missing
+METHODS = ("dpo", "grpo", "rloo")                # evaluated when present (train_dpo.py, train_grpo.py)
 OPTIMUM_BETAS = (1.0, 0.5, 0.3, 0.2, 0.1)   # KL coefficients of the KL-regularised optimum, in SFT sd units
-
-
-# --------------------------------------------------------------------------------------------------
-# The statistics: pure functions on numbers, each tested against a plain reference
-
-
-def win_rate(scores_a, scores_b) -> dict:
-    """How often A's answer beats B's, judged by gold scores paired answer by answer.
-
-    win_rate = P(A > B) + 0.5 P(A = B)          (ties count half)
-    win_rate_excl_ties = P(A > B) / P(A != B)   (the decided pairs only)
-    A win rate with ties counted half can't exceed 0.5 + (1 - tie_rate) / 2, so the tie rate is
-    reported beside it.
-    """
-    a = np.asarray(scores_a, dtype=np.float64).ravel()
-    b = np.asarray(scores_b, dtype=np.float64).ravel()
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"win_rate needs two non-empty score lists of one length, got {a.size} and {b.size}")
-    tie = np.abs(a - b) <= TIE_TOLERANCE
-    win = (a > b) & ~tie
-    decided = a.size - tie.sum()
-    return {"win_rate": float(win.mean() + 0.5 * tie.mean()), "tie_rate": float(tie.mean()),
-            "win_rate_excl_ties": float(win.sum() / decided) if decided else math.nan, "pairs": int(a.size)}
-
-
-def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n policy || base policy) = log n - (n - 1) / n nats (Stiennon et al. 2020, Gao et al. 2022).
-
-    n = 1 gives 0; it grows like log n. (Beirami et al. 2024 show the formula is an upper bound on the
-    true KL; it is the one the scaling-law papers plot against.)
-    """
-    return math.log(n) - (n - 1) / n
-
-
-def best_of_n_expected(rm_scores, values, n: int) -> float:
-    """Expected `values` of the answer the RM ranks best among n answers drawn from N >= n samples.
-
-    Unbiased, and it uses all N samples for every n (one set of samples serves every n): sort the
-    N samples by RM score, ascending; the i-th (1-based) is the best of a uniformly random n-subset
-    exactly when the subset holds it and n - 1 of the i - 1 samples below it, with probability
-    C(i-1, n-1) / C(N, n). So E = sum_i C(i-1, n-1) / C(N, n) * value_i. (n = 1 gives the plain
-    mean; n = N gives the value of the RM's favourite.) Ties in RM score keep the sample order.
-    """
-    rm_scores = np.asarray(rm_scores, dtype=np.float64)
-    values = np.asarray(values, dtype=np.float64)
-    N = len(rm_scores)
-    if not 1 <= n <= N:
-        raise ValueError(f"best-of-{n} needs at least {n} samples, got {N}")
-    order = np.argsort(rm_scores, kind="stable")
-    weights = np.array([math.comb(i, n - 1) for i in range(N)], dtype=np.float64) / math.comb(N, n)  # i = rank - 1
-    return float((weights * values[order]).sum())
-
-
-def kl_regularised_optimum(scores, values, beta: float) -> tuple[float, float, float]:
-    """The policy PPO with a KL penalty climbs towards, on N samples of the SFT policy.
-
-    The maximiser of E_pi[score] - beta * KL(pi || pi_SFT) is pi*(y) ∝ pi_SFT(y) exp(score(y) / beta)
-    (the optimum of the KL-regularised objective; Rafailov et al. 2023, eq. 4). Restricted to N i.i.d.
-    samples of pi_SFT it weights sample i by w_i = softmax(score / beta)_i (uniform weights are SFT).
-    Returns (E_w[values]; its KL to SFT, sum_i w_i log(N w_i); its win rate against one SFT sample
-    judged by `values`, ties half: sum_i w_i mean_j ([v_i > v_j] + [v_i = v_j] / 2)).
-    Sample-based: no weight can go outside the N samples, so the KL is at most log N.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    values = np.asarray(values, dtype=np.float64)
-    logits = scores / beta
-    weights = np.exp(logits - logits.max())   # subtract the max: exp never overflows
-    weights /= weights.sum()
-    N = len(scores)
-    kl = float(np.sum(weights * np.log(np.maximum(N * weights, 1e-300))))
-    tie = np.abs(values[:, None] - values[None, :]) <= TIE_TOLERANCE
-    beats = ((values[:, None] > values[None, :]) & ~tie) + 0.5 * tie                  # (i, j)
-    return float(weights @ values), kl, float(weights @ beats.mean(axis=1))
-
-
-def fit_gao(d, gain, form: str) -> dict | None:
-    """Least-squares fit of Gao et al. 2022's functional forms, d = sqrt(KL):
-
-        best-of-n ("bon"):  gain(d) = d (alpha - beta d)
-        RL ("rl"):          gain(d) = d (alpha - beta log d)        (d log d -> 0 at d = 0)
-
-    `gain` is the gold score minus the initial policy's (both forms are 0 at d = 0). Both are
-    linear in (alpha, beta), so this is ordinary least squares on the columns [d, -d^2] or
-    [d, -d log d]. Returns alpha, beta and R^2 = 1 - SS_res / SS_tot, or None for fewer than 3 points.
-    """
-    gain = np.asarray(gain, dtype=np.float64)
-    if len(gain) < 3:
-        return None
-    design = gao_columns(d, form)  # (points, 2)
-    (alpha, beta), *_ = np.linalg.lstsq(design, gain, rcond=None)
-    residual = gain - design @ np.array([alpha, beta])
-    total = ((gain - gain.mean()) ** 2).sum()
-    r2 = 1.0 - (residual ** 2).sum() / total if total > 0 else math.nan
-    return {"alpha": float(alpha), "beta": float(beta), "r2": float(r2)}
-
-
-def gao_columns(d, form: str) -> np.ndarray:
-    """(points, 2) design matrix [d, -d^2] ("bon") or [d, -d log d] ("rl"): gain = columns @ (alpha, beta)."""
-    if form not in ("bon", "rl"):
-        raise ValueError(f"form must be 'bon' or 'rl', got {form!r}")
-    d = np.asarray(d, dtype=np.float64)
-    safe = np.where(d > 0, d, 1.0)  # trap: 0 * log 0 is nan in floating point; its limit is 0
-    second = d * d if form == "bon" else np.where(d > 0, d * np.log(safe), 0.0)
-    return np.stack([d, -second], axis=1)
-
-
-def gao_curve(fit: dict, d, form: str) -> np.ndarray:
-    """The fitted gain at d (see `fit_gao`)."""
-    return gao_columns(d, form) @ np.array([fit["alpha"], fit["beta"]])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,10 +125,22 @@ class Answers:
     rm: np.ndarray | None = None      # (S, N) normalised RM score
 
 
-def load_policy(path: str, tokenizer: Tokenizer, runtime) -> tuple[GPT, str]:
-    """A base, SFT or PPO checkpoint as (frozen GPT in eval mode; its kind). An rm.pt is a clear error."""
+def load_policy(path: str, tokenizer: Tokenizer, runtime) -> tuple[GPT, dict]:
+    """A policy checkpoint as (frozen GPT in eval mode; the checkpoint dict). An rm.pt is a clear error."""
     model, ckpt = checkpoint.load_policy(path, tokenizer.identity, runtime)
-    return model.requires_grad_(False), ckpt["kind"]
+    return model.requires_grad_(False), ckpt
+
+
+def training_cost(ckpt: dict) -> dict:
+    """What it cost to train this policy: minutes of its own stage, and responses sampled from a
+    policy during training (0 for offline methods: SFT, DPO). From the checkpoint's summary."""
+    metrics, config = ckpt.get("metrics", {}), ckpt.get("train_config", {})
+    samples = metrics.get("samples_drawn")
+    if samples is None and ckpt["kind"] == "ppo":   # one response per prompt per update
+        samples = config.get("batch_size", 0) * ckpt.get("step", 0)
+    if samples is None and ckpt["kind"] in ("base", "sft"):
+        samples = 0
+    return {"minutes": metrics.get("minutes"), "samples_drawn": samples}
 
 
 def grade(prompts: list[str], texts: list[str], ended: list[bool]):
@@ -392,11 +298,6 @@ def ppo_trajectory(path: str) -> dict | None:
     return None
 
 
-def sqrt_kl(kl) -> np.ndarray:
-    """d = sqrt(KL); a sampled KL estimate can be slightly negative near 0, read as 0."""
-    return np.sqrt(np.clip(np.asarray(kl, dtype=np.float64), 0.0, None))
-
-
 def gao_fits(bon: dict | None, trajectory: dict | None) -> dict:
     """Gao et al.'s fits of gold gain against d = sqrt(KL), each relative to its own d = 0 point:
     best-of-n's n = 1 (the SFT policy), and PPO's first logged point when its KL is ~0 (else n = 1's)."""
@@ -466,7 +367,7 @@ def plot_overview(summaries: dict, wins: list[dict], n_prompts: int, out_path: s
     save_figure(fig, out_path)
 
 
-def plot_bon(bon: dict | None, trajectory: dict | None, fits: dict, ppo_point: dict | None, out_path: str) -> None:
+def plot_bon(bon: dict | None, trajectory: dict | None, fits: dict, method_points: dict, out_path: str) -> None:
     """eval_bon.png: gold (left) and RM (right) score against sqrt(KL to SFT)."""
     fig = Figure(figsize=(14.0, 6.4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -498,11 +399,13 @@ def plot_bon(bon: dict | None, trajectory: dict | None, fits: dict, ppo_point: d
             curve = np.linspace(0.0, sqrt_kl(data["kl"]).max() * 1.05, 100)
             gold_ax.plot(curve, fit["baseline"] + gao_curve(fit, curve, form), "--", color=colour,
                          label=f"{what}: α={fit['alpha']:.2f}, β={fit['beta']:.2f}, R²={fit['r2']:.2f}")
-    if ppo_point is not None:
+    markers = {"ppo": ("*", "C3"), "dpo": ("D", "C4"), "grpo": ("P", "C5"), "rloo": ("X", "C6")}
+    for point in method_points.values():   # each trained policy, evaluated here on the best-of-n prompts
+        marker, colour = markers.get(point["kind"], ("o", "C7"))
         for ax, key in ((gold_ax, "gold"), (rm_ax, "rm")):
-            if ppo_point.get(key) is not None:
-                ax.plot([ppo_point["d"]], [ppo_point[key]], "*", color="C3", markersize=15,
-                        label="final PPO policy (this evaluation)")
+            if point.get(key) is not None:
+                ax.plot([point["d"]], [point[key]], marker, color=colour, markersize=13 if marker == "*" else 9,
+                        markeredgecolor="black", label=f"{point['model']}: final policy (this evaluation)")
     for ax, ylabel, title in ((gold_ax, "gold score", "Gold score: what we actually want"),
                               (rm_ax, "RM score (normalised)", "RM score: the proxy being optimised")):
         ax.set_xlabel("sqrt(KL to SFT)   (KL in nats per response)")
@@ -582,6 +485,21 @@ def write_report(path: str, cfg, report: dict, all_answers: dict, prompts: list[
                                   s.get("rm/gold_accuracy/correctness"), s.get("rm/gold_accuracy/form"),
                                   s.get("rm/gold_spearman_within"), s.get("rm/gold_top_choice")]
                                  for name, s in judged.items()])
+    methods = [name for name, s in summaries.items() if name in report["kinds"] and
+               report["kinds"][name] not in ("base", "sft")]
+    sft_wins = {w["model"]: w for w in report["win_rates"] if report["kinds"].get(w["baseline"]) == "sft"}
+    if methods:
+        lines += ["", "## Methods side by side", "",
+                  "Each trained policy against SFT on the same prompts (gold score, win rate with ties half and "
+                  "without ties, KL to SFT in nats), and what it cost: the minutes of its own training stage and "
+                  "the responses it sampled while training (0: offline, like DPO).", ""]
+        lines += markdown_table(
+            ["method", "gold", "± s.e.", "win rate vs SFT", "excl. ties", "tie rate", "KL to SFT", "minutes",
+             "samples drawn"],
+            [[name, summaries[name]["gold/sample"], summaries[name]["gold/sample_se"],
+              sft_wins.get(name, {}).get("win_rate"), sft_wins.get(name, {}).get("win_rate_excl_ties"),
+              sft_wins.get(name, {}).get("tie_rate"), summaries[name]["kl_to_sft"], summaries[name].get("minutes"),
+              summaries[name].get("samples_drawn")] for name in methods])
     if report["win_rates"]:
         lines += ["", "## Win rates", "",
                   "Answer j of model A against answer j of model B on the same prompt, judged by gold score; "
@@ -597,8 +515,8 @@ def write_report(path: str, cfg, report: dict, all_answers: dict, prompts: list[
                   "KL = log n - (n-1)/n.", ""]
         rows = [[f"best-of-{n}", kl, math.sqrt(kl), rm, gold, ceiling] for n, kl, rm, gold, ceiling in
                 zip(bon["n"], bon["kl"], bon["rm"], bon["gold"], bon["gold_ranked_by_gold"])]
-        point = report.get("ppo_on_bon_prompts")   # the PPO policy on the same prompts, if evaluated
-        if point:
+        points = list(report["methods_on_bon_prompts"].values())   # the trained policies on the same prompts
+        for point in points:
             rows.append([f"{point['model']} (same prompts)", point["kl"], point["d"], point["rm"], point["gold"], None])
         lines += markdown_table(["policy", "KL", "sqrt(KL)", "RM", "gold", "gold if ranked by gold"], rows)
         lines += ["", "The last column ranks the same samples by the gold labeler instead of the RM: what a "
@@ -613,7 +531,7 @@ def write_report(path: str, cfg, report: dict, all_answers: dict, prompts: list[
         rows = [[beta, optimum["rm"]["kl"][k], optimum["rm"]["gold"][k], optimum["rm"]["win_rate"][k],
                  optimum["gold"]["kl"][k], optimum["gold"]["gold"][k], optimum["gold"]["win_rate"][k]]
                 for k, beta in enumerate(optimum["beta"])]
-        if point:
+        for point in points:
             rows.append([f"{point['model']} (same prompts)", point["kl"], point["gold"], point.get("win_rate"),
                          None, None, None])
         lines += markdown_table(["β", "RM optimum: KL", "gold", "win rate vs SFT", "gold optimum: KL", "gold",
@@ -675,7 +593,7 @@ def checkpoint_list(cfg) -> tuple[dict[str, str], list[str]]:
     else:
         paths = [os.path.join(cfg.out_dir, f"{stage}.pt") for stage in DEFAULT_STAGES]
         notes = [f"{p} not found: not evaluated" for p in paths if not os.path.exists(p)]
-        paths = [p for p in paths if os.path.exists(p)]
+        paths = [p for p in paths + [os.path.join(cfg.out_dir, f"{m}.pt") for m in METHODS] if os.path.exists(p)]
         if not paths:
             raise UserError(f"no checkpoints in {cfg.out_dir} (expected base.pt, sft.pt, ppo.pt): run the "
                             "training stages first, or pass --checkpoints")
@@ -702,9 +620,9 @@ def main() -> None:
     prompts = prompts[:cfg.max_prompts] if cfg.max_prompts else prompts
     checkpoints, notes = checkpoint_list(cfg)
     reference_path = cfg.reference or os.path.join(cfg.out_dir, "sft.pt")
-    reference, reference_kind = None, None
+    reference, reference_ckpt = None, None
     if os.path.exists(reference_path):
-        reference, reference_kind = load_policy(reference_path, tokenizer, runtime)
+        reference, reference_ckpt = load_policy(reference_path, tokenizer, runtime)
     else:
         notes.append(f"{reference_path} not found: no KL to SFT")
     rm_path = cfg.reward_model or os.path.join(cfg.out_dir, "rm.pt")
@@ -722,12 +640,14 @@ def main() -> None:
                       if reference is not None and os.path.abspath(path) == os.path.abspath(reference_path)), None)
     all_answers: dict[str, Answers] = {}
     kinds: dict[str, str] = {}
+    costs: dict[str, dict] = {}
     for label, path in checkpoints.items():
         t0 = time.time()
         if label == sft_label:
-            model, kinds[label] = reference, reference_kind
+            model, ckpt = reference, reference_ckpt
         else:
-            model, kinds[label] = load_policy(path, tokenizer, runtime)
+            model, ckpt = load_policy(path, tokenizer, runtime)
+        kinds[label], costs[label] = ckpt["kind"], training_cost(ckpt)
         answers = answer(model, reference, tokenizer, prompts, cfg, cfg.samples, runtime)
         if scorer is not None:
             flat_texts = [t for row in answers.texts for t in row]
@@ -736,15 +656,16 @@ def main() -> None:
         all_answers[label] = answers
         print(f"{label}: {answers.gold.size} samples + {len(prompts)} greedy from {path}, "
               f"gold {answers.gold.mean():.3f} ({format_duration(time.time() - t0)})")
-    summaries = {label: summarize(a, prompts) for label, a in all_answers.items()}
+    summaries = {label: {**summarize(a, prompts), **costs[label]} for label, a in all_answers.items()}
 
-    # ---- win rates: each model against every model listed before it (ppo vs sft, ppo vs base, sft vs base)
+    # ---- win rates: each model against the base and SFT models listed before it
+    #      (sft vs base; ppo vs sft, ppo vs base; dpo vs sft, dpo vs base; ...)
     labels = list(all_answers)
     wins = [{"model": a, "baseline": b, **win_rate(all_answers[a].gold, all_answers[b].gold)}
-            for i, a in enumerate(labels) for b in reversed(labels[:i])]
+            for i, a in enumerate(labels) for b in reversed(labels[:i]) if kinds[b] in ("base", "sft")]
 
     # ---- best-of-n from SFT, ranked by the RM; PPO's trajectory from its metrics
-    bon, ppo_point = None, None
+    bon, method_points = None, {}
     if cfg.bon_max_n and scorer is not None and sft_label is not None:
         t0 = time.time()
         K = min(cfg.bon_prompts or len(prompts), len(prompts))
@@ -757,31 +678,35 @@ def main() -> None:
         print(f"best-of-n from SFT on {K} prompts x {bon['samples_per_prompt']} samples: gold " +
               ", ".join(f"n={n} {g:.3f}" for n, g in zip(bon["n"], bon["gold"])) +
               f" ({format_duration(time.time() - t0)})")
-        # the PPO policy on the same prompts, for the comparison PPO vs best-of-n
-        ppo_label = next((label for label in reversed(labels) if kinds[label] == "ppo"), None)
-        if ppo_label is not None and all_answers[ppo_label].kl is not None:
-            a = all_answers[ppo_label]
+        # every trained method on the same prompts, for the comparison with best-of-n at equal KL
+        for label in labels:
+            a = all_answers[label]
+            if kinds[label] in ("base", "sft") or a.kl is None:
+                continue
             kl = float(a.kl[:, subset].mean())
-            ppo_point = {"model": ppo_label, "gold": float(a.gold[:, subset].mean()), "kl": kl,
-                         "d": float(sqrt_kl(kl)), "rm": float(a.rm[:, subset].mean()),
-                         "win_rate": win_rate(a.gold[:, subset], all_answers[sft_label].gold[:, subset])["win_rate"]}
+            method_points[label] = {
+                "model": label, "kind": kinds[label], "gold": float(a.gold[:, subset].mean()), "kl": kl,
+                "d": float(sqrt_kl(kl)), "rm": float(a.rm[:, subset].mean()),
+                "win_rate": win_rate(a.gold[:, subset], all_answers[sft_label].gold[:, subset])["win_rate"]}
     elif cfg.bon_max_n and scorer is not None:
         notes.append(f"no best-of-n: it samples from the SFT model, and {reference_path} is not among the checkpoints")
         print(f"note: {notes[-1]}")
+    ppo_point = next((p for p in reversed(method_points.values()) if p["kind"] == "ppo"), None)
     trajectory = ppo_trajectory(os.path.join(cfg.out_dir, "ppo_metrics.jsonl"))
     fits = gao_fits(bon, trajectory)
 
     # ---- outputs
     report = {"config": asdict(cfg), "prompts_file": prompts_file, "prompts": len(prompts),
-              "checkpoints": checkpoints, "notes": notes, "models": summaries, "win_rates": wins,
-              "best_of_n": bon, "ppo_on_bon_prompts": ppo_point, "ppo_trajectory": trajectory, "fits": fits,
+              "checkpoints": checkpoints, "kinds": kinds, "notes": notes, "models": summaries, "win_rates": wins,
+              "best_of_n": bon, "ppo_on_bon_prompts": ppo_point, "methods_on_bon_prompts": method_points,
+              "ppo_trajectory": trajectory, "fits": fits,
               "seconds": time.time() - start}
     paths = {name: os.path.join(cfg.out_dir, name) for name in ("eval.json", "eval.md", "eval.png", "eval_bon.png")}
     with atomic_write(paths["eval.json"], "w") as f:
         json.dump(json_safe(report), f, indent=2, allow_nan=False)
     write_report(paths["eval.md"], cfg, report, all_answers, prompts)
     plot_overview(summaries, wins, len(prompts), paths["eval.png"])
-    plot_bon(bon, trajectory, fits, ppo_point, paths["eval_bon.png"])
+    plot_bon(bon, trajectory, fits, method_points, paths["eval_bon.png"])
     print()
     print_summary(summaries, wins)
     print(f"done in {format_duration(time.time() - start)}; wrote {', '.join(paths.values())}")

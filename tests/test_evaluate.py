@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import evaluate
+from minirlhf import stats
 from minirlhf import labeler, world
 from minirlhf.checkpoint import save_checkpoint
 from minirlhf.cli import run_main
@@ -47,7 +48,7 @@ def one_thread():
 
 def test_win_rate_hand_worked():
     # pairs: 3>1 win, 2=2 tie, 1<3 loss, 5>4 win -> (2 + 0.5) / 4; excluding the tie: 2 of 3
-    result = evaluate.win_rate([3, 2, 1, 5], [1, 2, 3, 4])
+    result = stats.win_rate([3, 2, 1, 5], [1, 2, 3, 4])
     assert result["win_rate"] == pytest.approx(0.625), f"win rate: expected 0.625, got {result['win_rate']}"
     assert result["tie_rate"] == pytest.approx(0.25), f"tie rate: expected 0.25, got {result['tie_rate']}"
     assert result["win_rate_excl_ties"] == pytest.approx(2 / 3), "win rate excluding ties: expected 2/3"
@@ -58,13 +59,13 @@ def test_win_rate_pairs_answer_j_with_answer_j_and_counts_float_ties():
     # (S=2, N=2) arrays are paired elementwise, not all against all; 0.1 + 0.2 vs 0.3 is a tie
     a = np.array([[0.1 + 0.2, 1.0], [2.0, 0.0]])
     b = np.array([[0.3, 0.0], [1.0, 5.0]])
-    result = evaluate.win_rate(a, b)
+    result = stats.win_rate(a, b)
     assert result["tie_rate"] == pytest.approx(0.25), "0.1 + 0.2 vs 0.3 must count as a tie"
     assert result["win_rate"] == pytest.approx((2 + 0.5) / 4)
-    all_ties = evaluate.win_rate([1.0, 2.0], [1.0, 2.0])
+    all_ties = stats.win_rate([1.0, 2.0], [1.0, 2.0])
     assert all_ties["win_rate"] == 0.5 and math.isnan(all_ties["win_rate_excl_ties"])
     with pytest.raises(ValueError):
-        evaluate.win_rate([1.0, 2.0], [1.0])
+        stats.win_rate([1.0, 2.0], [1.0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,9 +73,9 @@ def test_win_rate_pairs_answer_j_with_answer_j_and_counts_float_ties():
 
 
 def test_best_of_n_kl_closed_form():
-    assert evaluate.best_of_n_kl(1) == 0.0, "best-of-1 is the policy itself: KL 0"
-    assert evaluate.best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
-    assert evaluate.best_of_n_kl(32) == pytest.approx(math.log(32) - 31 / 32)
+    assert stats.best_of_n_kl(1) == 0.0, "best-of-1 is the policy itself: KL 0"
+    assert stats.best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert stats.best_of_n_kl(32) == pytest.approx(math.log(32) - 31 / 32)
 
 
 def test_best_of_n_expected_hand_worked():
@@ -82,10 +83,10 @@ def test_best_of_n_expected_hand_worked():
     # n = 1: the mean, 2. n = 2: subsets {0,1} -> sample 1 (gold 2), {0,2} -> sample 2 (gold 3),
     # {1,2} -> sample 1 (gold 2): 7/3. n = 3: the RM's favourite, sample 1: gold 2.
     for n, expected in ((1, 2.0), (2, 7 / 3), (3, 2.0)):
-        got = evaluate.best_of_n_expected(rm, gold, n)
+        got = stats.best_of_n_expected(rm, gold, n)
         assert got == pytest.approx(expected), f"best-of-{n}: expected {expected}, got {got}"
     with pytest.raises(ValueError):
-        evaluate.best_of_n_expected(rm, gold, 4)
+        stats.best_of_n_expected(rm, gold, 4)
 
 
 def test_best_of_n_expected_matches_enumerating_every_subset():
@@ -96,14 +97,14 @@ def test_best_of_n_expected_matches_enumerating_every_subset():
     for n in range(1, N + 1):
         picks = [gold[max(subset, key=lambda i: rm[i])] for subset in itertools.combinations(range(N), n)]
         expected = sum(picks) / len(picks)
-        got = evaluate.best_of_n_expected(rm, gold, n)
+        got = stats.best_of_n_expected(rm, gold, n)
         assert got == pytest.approx(expected, abs=1e-12), f"best-of-{n} of {N}: expected {expected}, got {got}"
 
 
 def test_kl_regularised_optimum_hand_worked():
     # scores (0, ln 3), beta 1: weights 1/4, 3/4. Values (1, 2): E = 1.75; KL = 1/4 ln(1/2) + 3/4 ln(3/2);
     # sample 1 beats an SFT sample with 1/2 (tie) * 1/2 = 1/4, sample 2 with (1 + 1/2) / 2 = 3/4: 5/8.
-    value, kl, win = evaluate.kl_regularised_optimum([0.0, math.log(3)], [1.0, 2.0], beta=1.0)
+    value, kl, win = stats.kl_regularised_optimum([0.0, math.log(3)], [1.0, 2.0], beta=1.0)
     assert value == pytest.approx(1.75)
     assert kl == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
     assert win == pytest.approx(0.625)
@@ -115,10 +116,10 @@ def test_kl_regularised_optimum_limits_and_a_plain_loop():
     scores = [rng.gauss(0, 1) for _ in range(N)]
     values = [float(rng.randint(0, 3)) for _ in range(N)]   # small integers: ties happen
     # beta -> infinity: the SFT policy itself (uniform weights): the mean, KL 0, win rate 1/2 against itself
-    value, kl, win = evaluate.kl_regularised_optimum(scores, values, beta=1e9)
+    value, kl, win = stats.kl_regularised_optimum(scores, values, beta=1e9)
     assert value == pytest.approx(sum(values) / N) and kl == pytest.approx(0.0, abs=1e-9) and win == pytest.approx(0.5)
     # beta -> 0: all weight on the top-scoring sample: KL log N
-    value, kl, _ = evaluate.kl_regularised_optimum(scores, values, beta=1e-6)
+    value, kl, _ = stats.kl_regularised_optimum(scores, values, beta=1e-6)
     assert value == values[scores.index(max(scores))] and kl == pytest.approx(math.log(N))
     # any beta, against a plain loop
     for beta in (0.3, 1.0, 2.0):
@@ -129,7 +130,7 @@ def test_kl_regularised_optimum_limits_and_a_plain_loop():
         for i in range(N):
             for j in range(N):
                 win_loop += weights[i] / N * (1.0 if values[i] > values[j] else 0.5 if values[i] == values[j] else 0.0)
-        value, kl, win = evaluate.kl_regularised_optimum(scores, values, beta)
+        value, kl, win = stats.kl_regularised_optimum(scores, values, beta)
         assert value == pytest.approx(sum(w * v for w, v in zip(weights, values)))
         assert kl == pytest.approx(kl_loop) and win == pytest.approx(win_loop)
 
@@ -141,28 +142,28 @@ def test_kl_regularised_optimum_limits_and_a_plain_loop():
 def test_fit_gao_recovers_known_parameters():
     d = np.array([0.0, 0.4, 0.9, 1.3, 2.0, 2.6])
     bon = d * (0.8 - 0.3 * d)
-    fit = evaluate.fit_gao(d, bon, "bon")
+    fit = stats.fit_gao(d, bon, "bon")
     assert fit["alpha"] == pytest.approx(0.8) and fit["beta"] == pytest.approx(0.3), f"best-of-n fit: {fit}"
     assert fit["r2"] == pytest.approx(1.0)
     log_d = np.array([0.0] + [math.log(x) for x in d[1:]])  # d log d -> 0 at d = 0
     rl = d * (1.1 - 0.5 * log_d)
-    fit = evaluate.fit_gao(d, rl, "rl")
+    fit = stats.fit_gao(d, rl, "rl")
     assert fit["alpha"] == pytest.approx(1.1) and fit["beta"] == pytest.approx(0.5), f"RL fit: {fit}"
-    assert np.allclose(evaluate.gao_curve(fit, d, "rl"), rl), "gao_curve must give back the fitted values"
+    assert np.allclose(stats.gao_curve(fit, d, "rl"), rl), "gao_curve must give back the fitted values"
 
 
 def test_fit_gao_r2_against_plain_formula_and_too_few_points():
     d = [0.0, 1.0, 2.0, 3.0]
     gain = [0.0, 1.0, 1.0, 0.5]
-    fit = evaluate.fit_gao(d, gain, "bon")
+    fit = stats.fit_gao(d, gain, "bon")
     predicted = [x * (fit["alpha"] - fit["beta"] * x) for x in d]
     mean = sum(gain) / len(gain)
     r2 = 1 - sum((g - p) ** 2 for g, p in zip(gain, predicted)) / sum((g - mean) ** 2 for g in gain)
     assert fit["r2"] == pytest.approx(r2), f"R^2: expected {r2}, got {fit['r2']}"
     assert 0 < fit["r2"] < 1
-    assert evaluate.fit_gao([0.0, 1.0], [0.0, 1.0], "rl") is None, "two points cannot judge a two-parameter fit"
+    assert stats.fit_gao([0.0, 1.0], [0.0, 1.0], "rl") is None, "two points cannot judge a two-parameter fit"
     with pytest.raises(ValueError):
-        evaluate.fit_gao(d, gain, "ppo")
+        stats.fit_gao(d, gain, "ppo")
 
 
 def test_ppo_trajectory_prefers_held_out_keys_then_falls_back(tmp_path):
@@ -348,6 +349,32 @@ def test_smoke_preset_end_to_end(toy_run, tmp_path):
         assert heading in text, f"eval.md lacks {heading!r}"
     assert "6 evenly spaced prompts of the 8" in text, "a subset for best-of-n must be said"
     assert "win rate ppo vs sft" in result.stdout
+
+
+def test_every_method_checkpoint_present_is_evaluated(toy_run, tmp_path, monkeypatch, capsys):
+    """dpo.pt, grpo.pt and rloo.pt beside base/sft/ppo are picked up without --checkpoints; each gets
+    a win rate against SFT (and base), a point on the best-of-n prompts, and its training cost."""
+    tokenizer = Tokenizer.from_file(os.path.join(toy_run["data"], "tokenizer.tiktoken"))
+    for name in ("base.pt", "sft.pt", "ppo.pt", "rm.pt"):
+        os.link(os.path.join(toy_run["out"], name), tmp_path / name)
+    config = toy_gpt(tokenizer, 0).config
+    for seed, kind in enumerate(("dpo", "grpo", "rloo"), start=5):
+        save_checkpoint(tmp_path / f"{kind}.pt", kind=kind, model_state=toy_gpt(tokenizer, seed).state_dict(),
+                        model_config=config, tokenizer_identity=tokenizer.identity, train_config={}, step=3,
+                        metrics={"minutes": 0.5, "samples_drawn": 0 if kind == "dpo" else 96})
+    code, out, err = run_evaluate(monkeypatch, capsys, "--preset", "smoke", "--data-dir", toy_run["data"],
+                                  "--out-dir", str(tmp_path), "--device", "cpu")
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert list(report["models"]) == ["base", "sft", "ppo", "dpo", "grpo", "rloo"]
+    pairs = [(w["model"], w["baseline"]) for w in report["win_rates"]]
+    for method in ("ppo", "dpo", "grpo", "rloo"):
+        assert (method, "sft") in pairs and (method, "base") in pairs, pairs
+        assert report["methods_on_bon_prompts"][method]["kind"] == method
+    assert ("dpo", "ppo") not in pairs, "methods are compared with the baselines, not with each other"
+    assert report["models"]["grpo"]["samples_drawn"] == 96 and report["models"]["dpo"]["samples_drawn"] == 0
+    assert report["models"]["ppo"]["samples_drawn"] == 0, "ppo.pt at step 0: no updates, nothing sampled"
+    assert "## Methods side by side" in (tmp_path / "eval.md").read_text()
 
 
 def test_missing_default_checkpoints_are_named_and_skipped(toy_run, tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@
     python run_all.py --preset medium --device cuda          # one GPU, bf16
     python run_all.py --preset smoke --nproc-per-node 2      # each training stage under torchrun (2 processes)
     python run_all.py --from-stage ppo      # keep data, base, SFT and RM; train PPO again, then evaluate
+    python run_all.py --methods ppo,dpo,grpo,rloo   # after the RM, train every method; evaluate them side by side
 
 Each stage is its own script, run here as a subprocess exactly as you would run it by hand (the
 scripts are the lessons; this file only calls them in order):
@@ -15,6 +16,9 @@ scripts are the lessons; this file only calls them in order):
     sft    train_sft.py       OUT_DIR/sft.pt           InstructGPT step 1
     rm     train_rm.py        OUT_DIR/rm.pt            InstructGPT step 2
     ppo    train_ppo.py       OUT_DIR/ppo.pt           InstructGPT step 3
+    dpo    train_dpo.py       OUT_DIR/dpo.pt           (--methods) DPO on the RM's comparisons
+    grpo   train_grpo.py      OUT_DIR/grpo.pt          (--methods) critic-free RL, group-normalised advantages
+    rloo   train_grpo.py      OUT_DIR/rloo.pt          (--methods) critic-free RL, leave-one-out baseline
     eval   evaluate.py        OUT_DIR/eval.md, eval.json, eval.png, eval_bon.png
 
 --preset, --data-dir, --out-dir, --device, --dtype and --seed are passed to every stage that takes them.
@@ -23,7 +27,7 @@ as `torchrun --standalone --nproc_per_node=N train_x.py ...`; data preparation a
 process.
 A stage whose output already exists is skipped (so an interrupted run continues where it stopped),
 unless --force or --from-stage says otherwise; once a stage runs, every later stage runs too,
-because its input has changed. The first stage that fails stops the pipeline, and its error is
+because its input has changed (the methods after the RM depend on it, not on each other). The first stage that fails stops the pipeline, and its error is
 repeated at the end. Every stage's full output is also kept in OUT_DIR/logs/<stage>.log.
 """
 
@@ -52,6 +56,8 @@ class Stage:
     plots: tuple[str, ...]    # its figures, in OUT_DIR
     common_flags: tuple[str, ...] = ("preset", "data_dir", "out_dir", "device", "dtype", "seed")
     data_parallel: bool = False  # a training stage: runs under torchrun with --nproc-per-node > 1
+    extra_flags: tuple[str, ...] = ()   # flags of this stage alone
+    method: bool = False                # an RL method after the RM: runs when --methods names it
 
 
 STAGES = (
@@ -61,10 +67,15 @@ STAGES = (
     Stage("base", "train_base.py", ("base.pt",), ("base_curves.png",), data_parallel=True),
     Stage("sft", "train_sft.py", ("sft.pt",), ("sft_curves.png",), data_parallel=True),
     Stage("rm", "train_rm.py", ("rm.pt",), ("rm_curves.png", "rm_scatter.png"), data_parallel=True),
-    Stage("ppo", "train_ppo.py", ("ppo.pt",), ("ppo_curves.png", "ppo_overopt.png"), data_parallel=True),
+    Stage("ppo", "train_ppo.py", ("ppo.pt",), ("ppo_curves.png", "ppo_overopt.png"), data_parallel=True, method=True),
+    Stage("dpo", "train_dpo.py", ("dpo.pt",), ("dpo_curves.png",), data_parallel=True, method=True),
+    Stage("grpo", "train_grpo.py", ("grpo.pt",), ("grpo_curves.png",), data_parallel=True, method=True),
+    Stage("rloo", "train_grpo.py", ("rloo.pt",), ("rloo_curves.png",), data_parallel=True, method=True,
+          extra_flags=("--advantage", "rloo")),
     Stage("eval", "evaluate.py", ("eval.json", "eval.md"), ("eval.png", "eval_bon.png")),
 )
 STAGE_NAMES = [stage.name for stage in STAGES]
+METHOD_NAMES = [stage.name for stage in STAGES if stage.method]
 
 # The numbers each stage's table row shows: (metric in the checkpoint's summary, label), those present.
 HEADLINES = {
@@ -92,6 +103,8 @@ class RunAllConfig:
     from_stage: str = field(default="", metadata={"help": "run this stage and the later ones even if their output "
                                                           "exists", "choices": ["", *STAGE_NAMES]})
     until: str = field(default="eval", metadata={"help": "stop after this stage", "choices": STAGE_NAMES})
+    methods: str = field(default="ppo", metadata={"help": "the methods trained after the RM, comma-separated, "
+                                                          f"of {', '.join(METHOD_NAMES)}"})
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
 
 
@@ -109,7 +122,7 @@ def stage_command(stage: Stage, cfg) -> list[str]:
         value = getattr(cfg, name)
         if value is not None:
             command += ["--" + name.replace("_", "-"), str(value)]
-    return command
+    return command + list(stage.extra_flags)
 
 
 def output_paths(stage: Stage, cfg) -> list[str]:
@@ -186,20 +199,34 @@ def print_table(rows: list[tuple[str, str, str, str]], total_seconds: float) -> 
     print(f"total {format_duration(total_seconds)}")
 
 
+def selected_stages(cfg) -> list[Stage]:
+    """The stages this run goes through, in order: up to --until, the methods among them only if
+    --methods names them."""
+    methods = [name.strip() for name in cfg.methods.split(",") if name.strip()]
+    unknown = [name for name in methods if name not in METHOD_NAMES]
+    if unknown:
+        raise UserError(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(METHOD_NAMES)})")
+    last = STAGE_NAMES.index(cfg.until)
+    return [stage for stage in STAGES[:last + 1] if not stage.method or stage.name in methods]
+
+
 def main() -> None:
     cfg = parse_config(RunAllConfig, PRESETS, description=__doc__)
     print_config(cfg, "run_all")
     start = time.time()
-    last = STAGE_NAMES.index(cfg.until)
+    stages = selected_stages(cfg)
     first_forced = STAGE_NAMES.index(cfg.from_stage) if cfg.from_stage else len(STAGES)
     rows, plots = [], []
     upstream_ran = False  # once a stage runs, the later ones must too: their inputs changed
-    for index, stage in enumerate(STAGES[:last + 1]):
+    method_ran = False    # ... except that the methods depend on the RM, not on each other
+    for stage in stages:
+        index = STAGE_NAMES.index(stage.name)
         done = all(os.path.exists(path) for path in output_paths(stage, cfg))
-        if cfg.force or index >= first_forced or upstream_ran or not done:
+        if cfg.force or index >= first_forced or upstream_ran or (method_ran and not stage.method) or not done:
             t0 = time.time()
             run_stage(stage, cfg)
-            upstream_ran = True
+            method_ran = method_ran or stage.method
+            upstream_ran = upstream_ran or not stage.method
             status, seconds = "ran", format_duration(time.time() - t0)
         else:
             print(f"=== {stage.name}: skipped, {', '.join(output_paths(stage, cfg))} exist (--force to re-run)")
@@ -211,7 +238,7 @@ def main() -> None:
     if plots:
         print("plots: " + ", ".join(plots))
     eval_json = os.path.join(cfg.out_dir, "eval.json")
-    if last == STAGE_NAMES.index("eval") and os.path.exists(eval_json):
+    if stages[-1].name == "eval" and os.path.exists(eval_json):
         with open(eval_json, encoding="utf-8") as f:
             report = json.load(f)
         print(f"\nevaluation on {report['prompts']} held-out prompts (details: "

@@ -19,6 +19,7 @@ import run_all
 from minirlhf.tokenizer import save_ranks, train_bpe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_STAGES = ["data", "base", "sft", "rm", "ppo", "eval"]   # --methods ppo, the default
 
 
 def run(*args, timeout=240):
@@ -37,12 +38,12 @@ def test_smoke_pipeline_end_to_end_then_skips_what_exists(tmp_path):
     dirs = ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")]
     result = run("--preset", "smoke", "--device", "cpu", *dirs)
     assert result.returncode == 0, f"run_all.py --preset smoke failed:\n{result.stdout[-3000:]}\n{result.stderr}"
-    for stage in run_all.STAGES:
+    for stage in run_all.selected_stages(run_all.RunAllConfig()):
         for path in run_all.output_paths(stage, run_all.RunAllConfig(data_dir=dirs[1], out_dir=dirs[3])):
             assert os.path.exists(path), f"stage {stage.name} did not write {path}"
         log = tmp_path / "out" / "logs" / f"{stage.name}.log"
         assert log.stat().st_size > 0, f"no log for stage {stage.name}"
-    assert table_rows(result.stdout) == {name: "ran" for name in run_all.STAGE_NAMES}, result.stdout[-3000:]
+    assert table_rows(result.stdout) == {name: "ran" for name in DEFAULT_STAGES}, result.stdout[-3000:]
     ending = result.stdout[result.stdout.index("stage  run"):]
     assert "eval.png" in ending and "win rate ppo vs sft" in ending, "the plots and the evaluation close the run"
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
@@ -92,7 +93,7 @@ def test_smoke_pipeline_on_cuda(tmp_path, extra):
     dirs = ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")]
     result = run("--preset", "smoke", "--device", "cuda", *dirs, *extra, timeout=600)
     assert result.returncode == 0, f"run_all.py on CUDA failed:\n{result.stdout[-3000:]}\n{result.stderr}"
-    assert table_rows(result.stdout) == {name: "ran" for name in run_all.STAGE_NAMES}
+    assert table_rows(result.stdout) == {name: "ran" for name in DEFAULT_STAGES}
     for stage in ("base", "sft", "rm", "ppo"):
         log = (tmp_path / "out" / "logs" / f"{stage}.log").read_text()
         assert re.search(r"\bdevice\s+= cuda\b", log), f"{stage} did not run on CUDA"
@@ -115,9 +116,20 @@ def test_nproc_per_node_launches_the_training_stages_with_torchrun():
     for name in ("base", "sft", "rm", "ppo"):
         assert by_name[name][1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], name
         assert by_name[name][5].endswith(f"train_{name}.py")
+    for name in ("dpo", "grpo", "rloo"):
+        assert by_name[name][1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], name
+    assert by_name["rloo"][5].endswith("train_grpo.py") and by_name["rloo"][-2:] == ["--advantage", "rloo"]
     for name in ("data", "eval"):   # one process: nothing to split
         assert "torch.distributed.run" not in by_name[name], name
     assert "torch.distributed.run" not in run_all.stage_command(run_all.STAGES[1], run_all.RunAllConfig())
+
+
+def test_methods_choose_the_stages_after_the_rm():
+    names = [s.name for s in run_all.selected_stages(run_all.RunAllConfig(methods="grpo, dpo"))]
+    assert names == ["data", "base", "sft", "rm", "dpo", "grpo", "eval"]
+    assert [s.name for s in run_all.selected_stages(run_all.RunAllConfig(until="sft"))] == ["data", "base", "sft"]
+    with pytest.raises(run_all.UserError, match="--methods: unknown method 'ppx'"):
+        run_all.selected_stages(run_all.RunAllConfig(methods="ppo,ppx"))
 
 
 @pytest.mark.parametrize("args, message", [(["--until", "nope"], "--until"), (["--from-stage", "x"], "--from-stage"),

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 
@@ -12,6 +13,7 @@ from minirlhf.cli import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("seeds", os.path.join(ROOT, "experiments", "seeds.py"))
 seeds = importlib.util.module_from_spec(spec)
+sys.modules["seeds"] = seeds   # dataclasses look their module up while the file runs
 spec.loader.exec_module(seeds)
 
 

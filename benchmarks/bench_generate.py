@@ -13,7 +13,7 @@ How to run (from the repository root):
     python benchmarks/bench_generate.py --device cuda          # on a GPU
 
 What to expect: the recompute path does O(P + s) work per step, the cached one O(1) (plus reading
-the cache), so the ratio grows with the number of new tokens. Target (DESIGN.md): >= 10x at 128 new
+the cache), so the ratio grows with the number of new tokens. Target (docs/design.md): >= 10x at 128 new
 tokens, batch 16, on a 2-core CPU. The cached path is partly bound by per-step Python and kernel
 launch overhead at these tiny sizes, so its tokens/s depends more on the machine's load than the
 recompute path's does; the run prints both and the ratio.

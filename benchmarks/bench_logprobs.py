@@ -3,7 +3,7 @@
 What is compared, per token, on B·T = 2048 tokens, d = 256, V = 50257 (GPT-2's vocabulary), fp32:
 
 - ``plain``:   ``log_softmax(h @ W.T, -1).gather(-1, targets)``, the baseline of the targets in
-               DESIGN.md (it holds the (N, V) logits, and autograd keeps their log-softmax too);
+               docs/design.md (it holds the (N, V) logits, and autograd keeps their log-softmax too);
 - ``rowloop``: logits ``h @ W.T``, then a loop over batch rows of ``logsumexp`` (TRL's
                ``selective_log_softmax`` for fp32), which avoids the second (N, V) tensor;
 - ``fused``:   `minirlhf.kernels.token_logprobs` on the fused torch path (vocabulary blocks,
@@ -152,7 +152,7 @@ def measure_one(args) -> dict:
     logit_std = float(logit_std)
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (DESIGN.md)
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (docs/design.md)
     generator = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(args.batch, args.seq_len, args.hidden, generator=generator).to(device)
     weight = torch.randn(args.vocab, args.hidden, generator=generator).to(device)

@@ -16,7 +16,7 @@ padded row samples exactly as it would alone.
 Each row stops at its first EOS (the EOS is kept and counts in `response_mask`; PAD after it),
 and the loop stops as soon as every row has stopped, so R <= max_new_tokens.
 
-Convention (shared with the losses and PPO, DESIGN.md): in `Generation.sequences()`, of length
+Convention (shared with the losses and PPO, docs/design.md): in `Generation.sequences()`, of length
 P + R, the logits that predict response token t sit at position P - 1 + t (the last prompt token
 predicts the first response token). `logprobs[b, t]` is log pi(response_ids[b, t] | prefix) under
 log_softmax(logits / temperature) of the FULL distribution -- before top-k/top-p filtering, and

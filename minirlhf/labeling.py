@@ -11,7 +11,7 @@ once is cheaper than asking for pairs. This file collects those rankings in thre
     a person       `label_by_human`: the K responses are shown in the terminal and a ranking such
                    as `2 4 1 3` is typed in; every answer is appended to a JSONL file as soon as it
                    is given, so quitting loses nothing and the next run resumes where it stopped.
-    a file         `read_ranked_comparisons`: the JSONL shapes of DESIGN.md (`data.read_comparisons`).
+    a file         `read_ranked_comparisons`: the JSONL shapes of docs/design.md (`data.read_comparisons`).
 
 How noisy is a noisy labeler? Under the Plackett-Luce model the chance that a labeler puts response
 i above response j is the Bradley-Terry probability p = sigmoid((gold_i - gold_j) / noise). Two
@@ -29,7 +29,7 @@ prompts one extra response of a kind the SFT policy rarely writes but PPO readil
 immediate end-of-text, half a sentence, a repetition, a ramble), so the RM learns to score those
 low too.
 
-The comparisons are written in DESIGN.md's ranked shape plus two optional fields:
+The comparisons are written in docs/design.md's ranked shape plus two optional fields:
 
     {"prompt": str, "responses": [str, ...], "ranking": [int, ...], "ended": [bool, ...], "sources": [str, ...]}
 
@@ -98,7 +98,7 @@ class RankedComparison(Comparison):
 
     def to_json(self) -> dict:
         record = super().to_json()
-        if not all(self.ended):   # the common case keeps the plain DESIGN.md shape
+        if not all(self.ended):   # the common case keeps the plain docs/design.md shape
             record["ended"] = list(self.ended)
         if any(source != POLICY for source in self.sources):
             record["sources"] = list(self.sources)
@@ -433,7 +433,7 @@ def label_by_human(candidates: list[Candidates], answers_path: str, *, ask=input
 # Files
 
 def read_ranked_comparisons(path: str) -> list[RankedComparison]:
-    """Comparisons in either DESIGN.md shape (`data.read_comparisons` checks them and names the
+    """Comparisons in either docs/design.md shape (`data.read_comparisons` checks them and names the
     line of any error), plus the optional per-response `ended` and `sources` lists written here."""
     comparisons = read_comparisons(path)
     records = numbered_records(path)   # read_comparisons keeps only the shared fields: fetch the others here

@@ -195,7 +195,7 @@ def score_rollout(generation, prompts: list[str], texts: list[str], *, reward: s
     reward="gold": score = (gold total - mean) / std with `gold_normaliser = (mean, std)` of the SFT
                    policy's gold scores, so the gold reward has the RM's scale (SFT: mean 0, std 1)
                    and the same KL coefficient means the same trade-off.
-    Either way a response without EOS gets `missing_eos_penalty` instead (DESIGN.md convention).
+    Either way a response without EOS gets `missing_eos_penalty` instead (docs/design.md convention).
 
     Returns (scores, gold, rm): (B,) tensors on the CPU: the scores to train on, the raw gold
     totals (0..labeler.MAX_SCORE), and the RM's normalised scores before the penalty (None without
@@ -553,7 +553,7 @@ def critic_from_reward_model(reward_scorer) -> ValueModel:
 
 def critic_from_policy(policy: GPT) -> ValueModel:
     """A critic when there is no reward model (``--reward gold`` without rm.pt): the SFT trunk and a
-    value head at zero (DESIGN.md)."""
+    value head at zero (docs/design.md)."""
     critic = ValueModel(policy.config).to(policy.lm_head.weight.device)
     critic.trunk.load_state_dict(policy.state_dict())
     return critic.eval()

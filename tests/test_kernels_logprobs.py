@@ -6,7 +6,7 @@ values AND gradients, with a random upstream gradient per token (not only ``.sum
 on and around the block boundaries, with temperature != 1, entropy, ignored targets and
 non-contiguous inputs. CUDA paths run too when a GPU is present.
 
-Tolerances (DESIGN.md): fp64 to ~1e-12 relative; fp32 to 1e-5 relative to the sum of absolute
+Tolerances (docs/design.md): fp64 to ~1e-12 relative; fp32 to 1e-5 relative to the sum of absolute
 terms that produce each number (a long float sum is only that accurate, whatever the code).
 """
 

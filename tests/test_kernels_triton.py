@@ -11,7 +11,7 @@ Where they run:
 - without Triton: everything here is skipped, and the rest of the suite does not need Triton.
 
 Tolerance: the kernels compute in fp32 with TF32 off; compared with the fp64 reference to 1e-5
-relative to the sum of absolute terms (DESIGN.md allows the CUDA paths 1e-4).
+relative to the sum of absolute terms (docs/design.md allows the CUDA paths 1e-4).
 """
 
 from __future__ import annotations

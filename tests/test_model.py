@@ -25,7 +25,7 @@ from minirlhf.model import (
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-TOL = {"cpu": 1e-5, "cuda": 1e-4}  # DESIGN.md: CPU paths 1e-5, CUDA paths 1e-4 (fp32, TF32 off)
+TOL = {"cpu": 1e-5, "cuda": 1e-4}  # docs/design.md: CPU paths 1e-5, CUDA paths 1e-4 (fp32, TF32 off)
 
 VOCAB = 37
 PAD = 36

@@ -8,7 +8,7 @@ tokens), with ``gamma`` the discount and ``lam`` the GAE lambda::
     A_t     = m_t * (delta_t + gamma * lam * m_{t+1} * A_{t+1})  (A_T = 0)
     R_t     = m_t * (A_t + V_t)                                (the value targets, "returns")
 
-Conventions (DESIGN.md):
+Conventions (docs/design.md):
 - no bootstrap past the last valid token: ``m_{t+1} = 0`` there, so the last token's TD error is
   ``r_t - V_t`` (the RM score sits in ``r_t`` at that token, the EOS);
 - advantages and returns are 0 at padded positions, and a row with no valid token is all 0;

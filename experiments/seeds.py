@@ -9,6 +9,7 @@ not the seed's), then reads each run's eval.json and checkpoints and writes
 
     python experiments/seeds.py                                   # tiny preset, seeds 1,2,3, PPO: ~30 min on 2 cores
     python experiments/seeds.py --methods ppo,dpo,grpo,rloo       # every method after the RM
+    python experiments/seeds.py --jobs 3                          # the seeds at once, a thread each
     python experiments/seeds.py --summarize-only                  # re-read finished runs, write the tables again
     python experiments/seeds.py --preset smoke --out-root /tmp/s  # seconds; for tests
 
@@ -40,6 +41,8 @@ class SeedsConfig:
     out_root: str = field(default="out/seeds", metadata={"help": "one folder per seed goes here, and the tables"})
     data_dir: str = field(default="data", metadata={"help": "the (shared) data folder"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    jobs: int = field(default=1, metadata={"help": "seeds run at once (each with its share of the cores' threads)",
+                                          "min": 1})
     summarize_only: bool = field(default=False, metadata={"help": "do not run anything: summarise finished runs"})
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
 
@@ -141,20 +144,43 @@ def markdown(summary: dict, seeds: list[int], cfg) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_seeds(cfg, seeds: list[int]) -> None:
+    """`run_all.py` once per seed, `cfg.jobs` at a time. The data are prepared first, once: runs
+    started together would otherwise all write the same data folder."""
+    common = ["--preset", cfg.preset, "--data-dir", cfg.data_dir]
+    if subprocess.run([sys.executable, os.path.join(ROOT, "run_all.py"), *common, "--until", "data"]).returncode:
+        raise UserError("preparing the data failed")
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    pending, running = list(seeds), []
+    while pending or running:
+        while pending and len(running) < cfg.jobs:
+            seed = pending.pop(0)
+            out_dir = os.path.join(cfg.out_root, f"seed_{seed}")
+            os.makedirs(out_dir, exist_ok=True)
+            command = [sys.executable, os.path.join(ROOT, "run_all.py"), *common, "--seed", str(seed),
+                       "--out-dir", out_dir, "--device", cfg.device, "--methods", cfg.methods]
+            print(f"##### seed {seed}: {' '.join(command[1:])}" + (f" (output: {out_dir}/seed.log)" if cfg.jobs > 1
+                                                                   else ""), flush=True)
+            log = open(os.path.join(out_dir, "seed.log"), "w") if cfg.jobs > 1 else None
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if cfg.jobs > 1 else None
+            running.append((seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT if log else None,
+                                                   env=env), log))
+        seed, process, log = running.pop(0)
+        if process.wait() != 0:
+            raise UserError(f"the run of seed {seed} failed: see {os.path.join(cfg.out_root, f'seed_{seed}', 'logs')}")
+        if log:
+            log.close()
+
+
 def main() -> None:
     cfg = parse_config(SeedsConfig, {}, description=__doc__.split("\n\n")[0])
     print_config(cfg, "seeds")
     seeds = parse_seeds(cfg.seeds)
+    if not cfg.summarize_only:
+        run_seeds(cfg, seeds)
     per_seed = {}
     for seed in seeds:
         out_dir = os.path.join(cfg.out_root, f"seed_{seed}")
-        if not cfg.summarize_only:
-            command = [sys.executable, os.path.join(ROOT, "run_all.py"), "--preset", cfg.preset, "--seed", str(seed),
-                       "--out-dir", out_dir, "--data-dir", cfg.data_dir, "--device", cfg.device,
-                       "--methods", cfg.methods]
-            print(f"\n##### seed {seed}: {' '.join(command[1:])}", flush=True)
-            if subprocess.run(command).returncode != 0:
-                raise UserError(f"the run of seed {seed} failed: see {os.path.join(out_dir, 'logs')}")
         if not os.path.exists(os.path.join(out_dir, "eval.json")):
             raise UserError(f"{out_dir}/eval.json not found: seed {seed} has not finished (run without --summarize-only)")
         per_seed[seed] = seed_numbers(out_dir)

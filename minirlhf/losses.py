@@ -614,3 +614,89 @@ class AdaptiveKLController:
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
         return self.value
         # END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO: the preference loss with the policy as its own reward model
+# ---------------------------------------------------------------------------------------------
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Direct Preference Optimization: fit the labels' preferences with the policy itself.
+
+    With ``h = (log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))``, how
+    much more the policy has raised the chosen response than the rejected one, relative to the
+    frozen reference:
+
+    * ``"sigmoid"`` (DPO, Rafailov et al. 2023, eq. 7):  ``loss = mean_b -log sigmoid(beta * h_b)``
+    * with ``label_smoothing = eps`` (cDPO: each label assumed flipped with probability eps):
+      ``loss = mean_b [ -(1 - eps) log sigmoid(beta h_b) - eps log sigmoid(-beta h_b) ]``
+    * ``"ipo"`` (IPO, Azar et al. 2023, eq. 17):  ``loss = mean_b (h_b - 1 / (2 beta))^2``
+
+    Where it comes from. RLHF maximises ``E[r(x, y)] - beta KL(pi || pi_ref)``; its optimum is
+    ``pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x)`` (the bandit test of tests/test_ppo.py
+    watches PPO approach it). Solved for the reward: ``r(x, y) = beta log pi*(y|x) / pi_ref(y|x)
+    + beta log Z(x)``. Put that into the Bradley-Terry model of the labels,
+    ``P(y_c beats y_r) = sigmoid(r_c - r_r)`` (``pairwise_reward_loss``): ``Z(x)`` cancels (both
+    responses answer the same prompt) and the labels' negative log-likelihood is the loss above,
+    now a function of the policy alone. No reward model, no sampling: the policy IS the reward
+    model, with the implicit reward ``beta * log pi / pi_ref``; ``beta`` plays the KL coefficient's
+    part (small beta: the same margin in reward needs a larger change in log-probability).
+
+    Where each loss stops pushing: DPO's keeps falling as ``h`` grows (a perfectly separated pair
+    is pushed further without end, which is how DPO overfits deterministic labels); cDPO's minimum
+    is at ``beta h = log((1 - eps) / eps)``; IPO's at ``h = 1 / (2 beta)``, a fixed margin.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``(B,)`` log pi(response | prompt) of the
+            chosen and rejected responses: the SUM over each response's tokens (the EOS included).
+        ref_chosen_logps, ref_rejected_logps: ``(B,)`` the same under the frozen reference (no
+            gradient needed: they are constants).
+        beta: > 0.
+        loss_type: ``"sigmoid"`` or ``"ipo"``.
+        label_smoothing: cDPO's eps in ``[0, 0.5)``; for ``"sigmoid"`` only.
+
+    Returns:
+        ``(loss, stats)``: a 0-d loss to minimise, and Python floats named as TRL names them:
+        ``rewards/chosen`` (mean of ``beta (pc - rc)``), ``rewards/rejected`` (mean of
+        ``beta (pr - rr)``), ``rewards/margins`` (mean of their difference, ``beta h``) and
+        ``rewards/accuracies`` (share of pairs whose chosen reward is strictly higher).
+        Policy = reference gives ``h = 0``: the sigmoid loss is ``log 2`` and the accuracy 0.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) (the chance a label is flipped), got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing (cDPO) applies to loss_type 'sigmoid', not {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    # BEGIN SOLUTION
+    chosen_log_ratio = policy_chosen_logps - ref_chosen_logps  # (B,) log pi / pi_ref of y_c
+    rejected_log_ratio = policy_rejected_logps - ref_rejected_logps  # (B,) of y_r
+    h = chosen_log_ratio - rejected_log_ratio  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    else:
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    with torch.no_grad():
+        chosen_rewards = beta * chosen_log_ratio  # the implicit rewards, for the logs
+        rejected_rewards = beta * rejected_log_ratio
+        stats = {
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        }
+    return losses.mean(), stats
+    # END SOLUTION

@@ -502,6 +502,98 @@ def ppo_value_loss(
 
 
 # ---------------------------------------------------------------------------------------------
+# Step 3 without a critic: the group of samples of one prompt is the baseline (RLOO, GRPO)
+# ---------------------------------------------------------------------------------------------
+
+
+def rloo_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """REINFORCE Leave-One-Out: each sample's score minus the mean score of the OTHER samples of
+    its prompt (Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!"; Ahmadian et
+    al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+    Feedback in LLMs").
+
+    ``A[p, i] = s[p, i] - 1/(k-1) * sum_{j != i} s[p, j]``
+
+    The baseline of sample i is built from the k-1 other samples only, so it does not depend on
+    sample i itself: the policy gradient stays unbiased, and no value model is needed. Two facts
+    that follow from the formula (and that the tests check):
+
+    * raising one score by ``d`` raises its own advantage by ``d`` and lowers each of the k-1
+      others' by ``d / (k-1)``; a group's advantages sum to 0;
+    * ``A = k/(k-1) * (s - mean_j s[p, j])``: RLOO is the plain group-mean baseline
+      (``grpo_advantages(scale=False)``) times the constant ``k/(k-1)``.
+
+    Args:
+        scores: ``(P, k)`` the scalar scores of k samples of each of P prompts (one row per
+            prompt), k >= 2.
+
+    Returns:
+        ``(P, k)`` advantages, in ``scores``' dtype. A group of equal scores gets exactly 0.
+
+    Raises:
+        ValueError: ``scores`` is not 2-D, or k < 2 (one sample has no "others").
+    """
+    # BEGIN SOLUTION
+    # HINT: (P, k) in, (P, k) out; the others' sum is the group's sum minus the sample's own score
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        raise ValueError(f"rloo_advantages needs scores of shape (prompts, k) with k >= 2 samples per prompt, "
+                         f"got {tuple(scores.shape)}")
+    k = scores.shape[1]
+    # trap: k equal floats need not sum to exactly k times one of them (0.1 + 0.1 + 0.1 != 0.3);
+    # measured from the group's first score, an equal group is exactly 0 (advantages ignore a shift)
+    scores = scores - scores[:, :1]
+    others_mean = (scores.sum(dim=1, keepdim=True) - scores) / (k - 1)   # (P, k): leave sample i out
+    return scores - others_mean
+    # END SOLUTION
+
+
+def grpo_advantages(scores: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """GRPO's group-normalised advantages (Shao et al. 2024, "DeepSeekMath", section 4.1), or
+    with ``scale=False`` the unscaled ones of Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like
+    Training: A Critical Perspective").
+
+    ``mean[p] = 1/k * sum_j s[p, j]``
+    ``std[p]  = sqrt( 1/(k-1) * sum_j (s[p, j] - mean[p])**2 )``       (unbiased, as DeepSeekMath)
+    ``A[p, i] = (s[p, i] - mean[p]) / (std[p] + eps)``                   (scale=True: GRPO)
+    ``A[p, i] =  s[p, i] - mean[p]``                                     (scale=False: Dr. GRPO)
+
+    Why Dr. GRPO drops the division: it weighs each prompt by ``1 / std[p]``, so prompts whose k
+    samples score nearly alike - the ones the policy already almost always gets right, or almost
+    always gets wrong - get larger updates than the prompts whose outcomes are mixed (a
+    question-level difficulty bias: with a 0/1 reward, std = sqrt(q (1 - q)) for a success rate q,
+    smallest near q = 0 and q = 1). Unscaled, every unit of score difference counts the same on
+    every prompt, and ``A`` is ``(k-1)/k`` times RLOO's (see `rloo_advantages`).
+
+    Args:
+        scores: ``(P, k)`` the scalar scores of k samples of each of P prompts, k >= 2.
+        eps: added to the std (not the variance), so a group of equal scores gives 0 / eps = 0.
+        scale: divide by the group's std (GRPO) or not (Dr. GRPO).
+
+    Returns:
+        ``(P, k)`` advantages, in ``scores``' dtype; each group's advantages sum to 0, and a group
+        of equal scores gets exactly 0 (GRPO cannot learn from it: no sample is better than another).
+
+    Raises:
+        ValueError: ``scores`` is not 2-D, or k < 2 (the std of one sample is undefined).
+    """
+    # BEGIN SOLUTION
+    # HINT: mean and std over dim=1 (the std with k - 1); an equal group must give exactly 0
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        raise ValueError(f"grpo_advantages needs scores of shape (prompts, k) with k >= 2 samples per prompt, "
+                         f"got {tuple(scores.shape)}")
+    # trap: the mean of k equal floats need not be that float, and divided by a std near 0 the
+    # rounding would become an advantage; measured from the group's first score, an equal group is
+    # exactly 0 (the advantages are unchanged by a shift of the group's scores)
+    scores = scores - scores[:, :1]
+    centred = scores - scores.mean(dim=1, keepdim=True)                   # (P, k)
+    if not scale:
+        return centred
+    std = scores.std(dim=1, keepdim=True, correction=1)                   # (P, 1), divides by k - 1
+    return centred / (std + eps)
+    # END SOLUTION
+
+
+# ---------------------------------------------------------------------------------------------
 # Diagnostics
 # ---------------------------------------------------------------------------------------------
 

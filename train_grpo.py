@@ -1,0 +1,476 @@
+"""Step 3 without a critic: GRPO, Dr. GRPO and RLOO, with a KL penalty to the SFT model.
+
+Reads  out/sft.pt (the policy's start and the frozen reference), out/rm.pt (the reward model; with
+       --reward gold only for the logs), data/ppo_prompts.jsonl, data/eval_prompts.jsonl
+Writes out/grpo.pt (kind "grpo": --advantage grpo or drgrpo) or out/rloo.pt (kind "rloo"),
+       with out/<kind>_metrics.jsonl and out/<kind>_curves.png
+
+PPO (train_ppo.py) learns a critic V(state) and uses it as the baseline of every token: the
+advantage says "this token did better than the critic expected". The methods here sample k
+responses to each prompt instead and let the group be the baseline: a response's advantage is how
+much better it scored than its siblings, one number for the whole response, given to each of its
+tokens. No value model to train, store or initialise - and no per-token credit assignment.
+
+    --advantage grpo     A = (s - mean) / (std + eps)    GRPO (Shao et al. 2024, DeepSeekMath)
+    --advantage drgrpo   A =  s - mean                   Dr. GRPO (Liu et al. 2025): no division by
+                                                         the std, which upweights the prompts whose
+                                                         samples all score alike (too easy or too hard)
+    --advantage rloo     A =  s - mean of the k-1 others RLOO (Kool et al. 2019; Ahmadian et al. 2024)
+                           = k/(k-1) * (s - mean)        i.e. Dr. GRPO's advantage times a constant
+
+(`losses.grpo_advantages`, `losses.rloo_advantages`; s is a response's score, mean and std are
+over its group of k.) Dr. GRPO's other fix, dropping GRPO's per-response 1/|o_i| (which favours
+long wrong answers and short right ones), is already this project's convention: every loss is one
+mean over all valid tokens of the minibatch. Dr. GRPO writes grpo.pt (kind "grpo", with
+`advantage: drgrpo` in its train_config): it is GRPO with a switch off, not another method, and a
+third checkpoint kind would only make evaluate.py and the README list one more file; RLOO has its
+own kind because it is the other baseline.
+
+The update is PPO's clipped surrogate (`losses.ppo_policy_loss`) over --ppo-epochs passes of
+--num-minibatches minibatches, with the old logprobs recomputed over the first epoch's very
+minibatches so that the first one has ratio exactly 1 (as minirlhf/ppo.py explains). RLOO in
+Ahmadian et al. is plain REINFORCE, one on-policy step per batch: `--ppo-epochs 1 --num-minibatches 1`
+is exactly that (ratio 1, so the clip never acts and the gradient is REINFORCE's).
+
+Where the KL to the SFT model goes (--kl-mode):
+    reward  PPO's way, as a per-token penalty -beta * kl_t (k1 = log pi/pi_ref, at rollout time).
+            A group baseline compares whole responses, so the per-token rewards are summed first:
+            s' = s - beta * sum_t kl_t, and the group advantages are taken on s' (as RLOO does).
+    loss    GRPO's way (Shao et al. 2024, eqs. 3-4): beta * k3 per token, k3 = pi_ref/pi - log(pi_ref/pi) - 1
+            under the CURRENT policy, added to the loss (a token mean, like the surrogate); the
+            scores stay the task's own.
+Beware of --kl-mode reward with --advantage grpo: in a group of different responses with equal
+scores (a discrete reward such as --reward gold makes them), the only differences left are the KL
+terms, and dividing by their tiny std makes them full-size advantages. `group/zero_std_share` logs
+the groups whose k scores are equal: on the tiny preset a quarter of them with the RM and 31% with
+--reward gold, rising as the policy grows less diverse. The ones checked (64 groups sampled from
+sft.pt: 5 equal, by the RM and by gold alike) were k identical responses, whose KL is equal too.
+
+Defaults, measured (tiny preset, 2 CPU cores, the sft.pt and rm.pt of `run_all.py --until rm`):
+16 prompts x k = 4 = 64 responses per update, as PPO's 64 prompts x 1, and 48 updates as PPO, so
+both draw 3,072 samples. Held-out gold at the last update (48 prompts x 2; SFT 6.91; gain in SFT
+standard deviations, whose standard error here is about 0.1) and the KL to SFT:
+
+    run (all else default)                 gold   gain    KL    minutes
+    GRPO, KL in the reward, beta 0.2       7.15  +0.20   1.02   1.0     <- the default
+    RLOO, same                             7.20  +0.24   1.29   1.1
+    Dr. GRPO, same                         7.24  +0.28   0.92
+    GRPO, beta 0.2, 96 updates             7.26  +0.29   1.27
+    GRPO, KL in the reward, beta 0.1       6.48  -0.37   4.17           (the RM over-optimised)
+    GRPO, KL in the loss, beta 0.1         5.53  -1.19  21.5            (responses 9.5 -> 18.8 tokens)
+    GRPO, KL in the loss, beta 0.3         6.79  -0.11   1.99
+    GRPO, KL in the loss, beta 1.0         6.75  -0.14   0.24
+    PPO (train_ppo.py, adaptive beta)      7.24  +0.28   0.86   1.6
+
+So the KL goes in the reward by default (at every beta tried, the loss-mode runs lost gold), with
+beta 0.2, PPO's starting beta, at which the KL settles near PPO's 1-nat target on its own. The
+three baselines cannot be told apart at this noise, and all three are within it of PPO's gain, on
+as many samples, in about two thirds of its time (no critic to run or train). Minutes: one
+process, two threads, an otherwise idle machine; the other runs, made two at a time on a shared
+machine, have no comparable time.
+
+CPU:  python train_grpo.py                          (preset tiny, GRPO, ~1 minute on 2 cores)
+      python train_grpo.py --advantage rloo         (writes out/rloo.pt)
+      python train_grpo.py --advantage drgrpo
+      python train_grpo.py --reward gold            (optimise the gold score itself)
+      python train_grpo.py --preset smoke
+GPU:  python train_grpo.py --preset small --device cuda
+torchrun --standalone --nproc_per_node=2 train_grpo.py --preset small --device cuda
+      (the --batch-size prompts are split over the processes; each samples all k responses of its
+       prompts, so a group never straddles two processes and its advantages need no communication)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from minirlhf.checkpoint import load_policy, save_checkpoint
+from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
+from minirlhf.data import evenly_spaced, read_prompts
+from minirlhf.losses import grpo_advantages, kl_penalty, masked_mean, ppo_policy_loss, rloo_advantages
+from minirlhf.metrics import MetricsLogger, read_metrics
+from minirlhf.plots import plot_curves
+from minirlhf.ppo import (Rollout, evaluate_policy, means_over_ranks, minibatch_orders, policy_logprobs,
+                          score_rollout, token_share)
+from minirlhf.reward import load_reward_model
+from minirlhf.runtime import Runtime, setup_runtime
+from minirlhf.tokenizer import Tokenizer, render_chat
+from minirlhf.training import check_finite, cosine_lr, sample_responses, unwrap
+
+ADVANTAGES = ("grpo", "drgrpo", "rloo")
+
+
+@dataclass
+class GRPOConfig:
+    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
+    data_dir: str = field(default="data", metadata={"help": "where the prompts and the tokenizer are"})
+    out_dir: str = field(default="out", metadata={"help": "where sft.pt/rm.pt are read and grpo.pt/rloo.pt and logs go"})
+    init: str = field(default="", metadata={"help": "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)"})
+    reward_model: str = field(default="", metadata={"help": "reward model checkpoint (default: OUT_DIR/rm.pt)"})
+    prompts: str = field(default="", metadata={"help": "RL prompts JSONL (default: DATA_DIR/ppo_prompts.jsonl)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
+                                                         "fp32 or bf16 (autocast; weights stay fp32)",
+                                                 "choices": ["auto", "fp32", "bf16"]})
+    seed: int = field(default=1337, metadata={"help": "random seed"})
+    advantage: str = field(default="grpo", metadata={"help": "the group baseline: grpo ((s - mean) / std), drgrpo "
+                                                            "(s - mean) or rloo (s - mean of the others; writes rloo.pt)",
+                                                    "choices": list(ADVANTAGES)})
+    reward: str = field(default="rm", metadata={"help": "what is maximised: rm (the learned reward model) or gold "
+                                                       "(the gold labeler itself: the upper bound)", "choices": ["rm", "gold"]})
+    total_updates: int = field(default=48, metadata={"help": "updates (one batch of groups each)", "min": 1})
+    batch_size: int = field(default=16, metadata={"help": "prompts per update (all processes together)", "min": 1})
+    group_size: int = field(default=4, metadata={"help": "k: responses sampled per prompt (the group)", "min": 2})
+    num_minibatches: int = field(default=4, metadata={"help": "minibatches per epoch (of responses)", "min": 1})
+    ppo_epochs: int = field(default=2, metadata={"help": "passes over each batch", "min": 1})
+    lr: float = field(default=1e-4, metadata={"help": "policy learning rate (AdamW)", "min": 0.0})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "the learning rate decays (cosine) to this fraction",
+                                                       "min": 0.0, "max": 1.0})
+    warmup_updates: int = field(default=2, metadata={"help": "linear learning-rate warmup, in updates", "min": 0})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon", "min": 0.0})
+    kl_mode: str = field(default="reward", metadata={"help": "where the KL to the SFT model goes: loss (beta * k3 per "
+                                                          "token in the loss, GRPO) or reward (score - beta * summed "
+                                                          "k1, before the group baseline)", "choices": ["loss", "reward"]})
+    kl_coef: float = field(default=0.2, metadata={"help": "KL coefficient beta (fixed)", "min": 0.0})
+    eps: float = field(default=1e-4, metadata={"help": "added to the group std (--advantage grpo)", "min": 0.0})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (logprobs use it too)", "min": 0.05})
+    max_new_tokens: int = field(default=48, metadata={"help": "response budget in tokens", "min": 1})
+    missing_eos_penalty: float = field(default=-1.0, metadata={"help": "score of a response with no EOS "
+                                                                      "(normalised RM units)"})
+    eval_every: int = field(default=16, metadata={"help": "held-out evaluation every N updates (0: only at the "
+                                                         "start and the end)", "min": 0})
+    eval_prompts: int = field(default=48, metadata={"help": "held-out prompts per evaluation, evenly spaced in the "
+                                                           "file (0: none)", "min": 0})
+    eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt", "min": 1})
+    sample_every: int = field(default=10, metadata={"help": "print one group every N updates", "min": 1})
+    kernels: str = field(default="auto", metadata={"help": "logprob kernels: auto (fused) or reference",
+                                                   "choices": ["auto", "reference"]})
+    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+
+
+PRESETS = {
+    "smoke": dict(total_updates=3, batch_size=4, group_size=2, num_minibatches=2, max_new_tokens=16, eval_every=2,
+                  eval_prompts=4, eval_samples=1, sample_every=2, warmup_updates=0),
+    "tiny": {},
+    "medium": {},
+    # not measured: PPO's small settings, with 32 prompts x 4 = PPO's 128 responses per update
+    "small": dict(total_updates=200, batch_size=32, ppo_epochs=4, lr=1.4e-5, eval_prompts=111, eval_samples=4,
+                  max_new_tokens=64),
+}
+
+
+def check_processes(cfg: GRPOConfig, world_size: int) -> None:
+    """Under torchrun each process takes --batch-size / processes prompts and all k responses of
+    each, and cuts its responses into --num-minibatches (the same number everywhere: DDP steps in
+    lockstep). A one-line error when that cannot be done."""
+    if cfg.batch_size % world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world_size} processes")
+    rows = cfg.batch_size // world_size * cfg.group_size
+    if cfg.num_minibatches > rows:
+        raise UserError(f"--num-minibatches {cfg.num_minibatches} must be <= the responses per process "
+                        f"(--batch-size / processes x --group-size = {rows})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces of one update (PPO's, less the critic)
+# ----------------------------------------------------------------------------------------------
+
+
+def group_advantages(scores: torch.Tensor, kl_per_response: torch.Tensor, *, group_size: int, advantage: str,
+                     kl_mode: str, kl_coef: float, eps: float = 1e-4) -> torch.Tensor:
+    """One advantage per response, from its group alone.
+
+    scores, kl_per_response: (B,) for B = P * k responses, each prompt's k in consecutive rows (row
+    i is in group i // k); kl_per_response is sum_t kl_t (k1) at rollout time. With --kl-mode
+    reward the KL joins the score before the baseline, s' = s - kl_coef * kl (PPO's per-token
+    penalty, summed: a group compares whole responses); with --kl-mode loss the scores are used as
+    they are (the KL is in the loss instead). Returns (B,).
+    """
+    if kl_mode == "reward":
+        scores = scores - kl_coef * kl_per_response
+    groups = scores.view(-1, group_size)                                       # (P, k)
+    if advantage == "rloo":
+        return rloo_advantages(groups).view(-1)
+    return grpo_advantages(groups, eps=eps, scale=advantage == "grpo").view(-1)
+
+
+@torch.no_grad()
+def forward_logprobs(rollout: Rollout, policy, ref_policy, *, temperature: float,
+                     minibatches: list[torch.Tensor]) -> Rollout:
+    """Fill `rollout.logprobs` (the "old" policy), `.ref_logprobs` and `.entropy`: `ppo.forward_rollout`
+    without the critic. The passes run over the first epoch's minibatches, trimmed as
+    `Rollout.select` trims them, so that the first minibatch of the update recomputes these very
+    numbers: ratio exactly 1."""
+    policy.eval()   # dropout off (the only thing eval() changes here)
+    ref_policy.eval()
+    B, R = rollout.response_mask.shape
+    device = rollout.response_mask.device
+    outputs = {name: torch.zeros(B, R, device=device) for name in ("logprobs", "ref_logprobs", "entropy")}
+    for index in minibatches:
+        index = index.to(device)
+        batch = rollout.select(index)
+        width = batch.response_mask.shape[1]
+        logprobs, entropy = policy_logprobs(policy, batch, temperature)
+        ref_logprobs, _ = policy_logprobs(ref_policy, batch, temperature)
+        for name, value in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
+            outputs[name][index, :width] = value.float() * batch.response_mask   # 0 at padding
+    rollout.logprobs, rollout.ref_logprobs, rollout.entropy = (outputs["logprobs"], outputs["ref_logprobs"],
+                                                               outputs["entropy"])
+    return rollout
+
+
+def grpo_update(rollout: Rollout, policy, optimizer, *, orders: list[list[torch.Tensor]], temperature: float,
+                clip_range: float, kl_mode: str, kl_coef: float, grad_clip: float = 1.0, step: int = 0,
+                runtime: Runtime | None = None) -> dict:
+    """--ppo-epochs passes over the rollout's minibatches; one optimizer step per minibatch.
+
+        loss = ppo_policy_loss(logp, old_logp, A)                    (A: the response's, on each token)
+             + kl_coef * masked_mean(k3(logp, ref_logp))             (--kl-mode loss only)
+
+    Both terms are means over the minibatch's valid tokens; under torchrun each rank's loss is
+    scaled by `ppo.token_share` so that DDP's averaged gradient is the one of the mean over every
+    rank's tokens. `policy` is the module the training forwards go through (`runtime.wrap(policy)`).
+    Returns PPO's stat names, means over the minibatches, plus `minibatch_stats` (the first has ratio 1).
+    """
+    runtime = runtime or Runtime(device=rollout.sequences.device)
+    if runtime.distributed and unwrap(policy) is policy:
+        raise ValueError("under torchrun, pass grpo_update the DDP-wrapped policy (runtime.wrap(policy))")
+    policy.eval()   # dropout off: eval() only switches dropout; gradients flow as in train()
+    minibatch_stats = []
+    for epoch_minibatches in orders:
+        for index in epoch_minibatches:
+            batch = rollout.select(index)
+            mask = batch.response_mask
+            n_tokens = mask.sum().item()              # this rank's valid tokens in the minibatch
+            share = token_share(n_tokens, runtime)    # 1.0 in one process
+            logprobs, entropy = policy_logprobs(policy, batch, temperature)                     # (b, R')
+            policy_loss, stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, clip_range)
+            loss = policy_loss
+            kl_loss = None
+            if kl_mode == "loss":
+                ref_logprobs = rollout.ref_logprobs[index.to(mask.device), :mask.shape[1]]     # (b, R')
+                kl_loss = masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask)
+                loss = loss + kl_coef * kl_loss
+            check_finite(loss, step, "the policy loss")
+            optimizer.zero_grad(set_to_none=True)
+            (loss * share).backward()   # under DDP: the gradients are averaged over the ranks here
+            grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(policy).parameters(), grad_clip or float("inf"))
+            optimizer.step()
+
+            local = {"loss/policy": (stats["policy_loss"], n_tokens), "policy/clipfrac": (stats["clipfrac"], n_tokens),
+                     "policy/approxkl": (stats["approxkl"], n_tokens),
+                     "policy/ratio_mean": (stats["ratio_mean"], n_tokens),
+                     "policy/entropy": (masked_mean(entropy.detach(), mask).item(), n_tokens)}
+            if kl_loss is not None:
+                local["loss/kl"] = (kl_loss.item(), n_tokens)
+            record = means_over_ranks(runtime, local)   # token-weighted means over every rank
+            record["policy/ratio_max"] = max(runtime.gather_objects([stats["ratio_max"]]))
+            record["policy/grad_norm"] = grad_norm.item()   # the same on every rank after DDP's all-reduce
+            minibatch_stats.append(record)
+    stats = {name: sum(s[name] for s in minibatch_stats) / len(minibatch_stats) for name in minibatch_stats[0]}
+    stats["minibatch_stats"] = minibatch_stats
+    return stats
+
+
+def group_stats(task_scores: torch.Tensor, advantages: torch.Tensor, group_size: int, runtime: Runtime) -> dict:
+    """What the group baseline had to work with, over every rank's groups: the share of groups whose
+    k task scores are all equal (no response better than another: zero advantage, nothing to learn
+    but the KL), the mean within-group std of the scores, and the mean |advantage|."""
+    groups = task_scores.view(-1, group_size)                                 # (P, k)
+    zero = (groups == groups[:, :1]).all(dim=1).float()                       # (P,)
+    n_groups = groups.shape[0]
+    return means_over_ranks(runtime, {
+        "group/zero_std_share": (zero.mean().item(), n_groups),
+        "group/score_std": (groups.std(dim=1).mean().item(), n_groups),
+        "group/advantage_abs": (advantages.abs().mean().item(), len(advantages)),
+    })
+
+
+# ----------------------------------------------------------------------------------------------
+# The script
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    cfg = parse_config(GRPOConfig, PRESETS, description=__doc__)
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
+    print_config(cfg, "train_grpo")   # after setup_runtime: under torchrun rank 0 alone prints
+    check_processes(cfg, runtime.world_size)
+    kind = "rloo" if cfg.advantage == "rloo" else "grpo"
+    k = cfg.group_size
+
+    # ---- models: policy (trained), reference (frozen SFT), reward model (frozen). No critic.
+    tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
+    init_path = cfg.init or os.path.join(cfg.out_dir, "sft.pt")
+    policy, _ = load_policy(init_path, tokenizer.identity, runtime)
+    ref_policy, _ = load_policy(init_path, tokenizer.identity, runtime)
+    ref_policy.requires_grad_(False)
+    rm_path = cfg.reward_model or os.path.join(cfg.out_dir, "rm.pt")
+    reward_scorer = None
+    if cfg.reward == "rm" or os.path.exists(rm_path):
+        reward_scorer = load_reward_model(rm_path, tokenizer, runtime)
+    else:
+        print(f"note: {rm_path} not found: no RM score in the logs")
+    optimizer = policy.configure_optimizer(0.0, cfg.lr)
+    train_policy = runtime.wrap(policy)   # DDP under torchrun: its backward averages the gradients
+
+    # ---- prompts
+    prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "ppo_prompts.jsonl"))
+    eval_prompts = evenly_spaced(read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl")), cfg.eval_prompts)
+    longest = max(len(render_chat(tokenizer, p)) for p in prompts + eval_prompts)
+    if longest + cfg.max_new_tokens > policy.config.block_size:
+        raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
+                        f"the model's block_size {policy.config.block_size}")
+    rng = runtime.cpu_generator(cfg.seed)            # prompt order, minibatches: the same on every rank
+    sample_generator = runtime.generator(cfg.seed)   # the policy's sampling: each rank its own dice
+    out_path = os.path.join(cfg.out_dir, f"{kind}.pt")
+    metrics_path = os.path.join(cfg.out_dir, f"{kind}_metrics.jsonl")
+    gold_normaliser, baseline = None, {}
+
+    def evaluate(update: int) -> dict:   # train_ppo.py's held-out evaluation, unchanged
+        if not eval_prompts:
+            return {}
+        result = evaluate_policy(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                 reward_scorer=reward_scorer, generator=runtime.generator(cfg.seed),
+                                 batch_size=cfg.batch_size * k, runtime=runtime)
+        result.pop("samples")
+        if not baseline:   # the SFT policy's numbers: what progress is measured against
+            baseline.update({"sft/gold": result["eval/gold"], "sft/gold_sd": result["eval/gold_sd"]})
+        result["eval/gold_gain_sd"] = (result["eval/gold"] - baseline["sft/gold"]) / max(baseline["sft/gold_sd"], 1e-6)
+        print(f"  [eval {update}] gold {result['eval/gold']:.3f} ({result['eval/gold_gain_sd']:+.2f} SFT sd) | "
+              f"kl {result['eval/kl']:.2f} | rm {result.get('eval/rm', math.nan):.3f} | "
+              f"eos {result['eval/eos_rate']:.2f} | len {result['eval/response_length']:.1f}")
+        return result
+
+    # ---- the loop
+    print(f"{cfg.advantage.upper()}: {cfg.total_updates} updates x {cfg.batch_size} prompts x {k} samples, "
+          f"reward = {cfg.reward}, KL in the {cfg.kl_mode} (beta {cfg.kl_coef:g}), {len(prompts)} prompts, "
+          f"{len(eval_prompts)} x {cfg.eval_samples} held-out samples per evaluation")
+    if runtime.distributed:
+        print(f"data parallel: {runtime.world_size} processes x {cfg.batch_size // runtime.world_size} prompts x {k} "
+              f"samples ({runtime.device}, {runtime.dtype})")
+    progress = Progress(cfg.total_updates, desc=kind, every=1)
+    prompt_order: list[int] = []
+    start = time.time()
+    summary: dict = {}
+    with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
+        if eval_prompts:
+            log.log(0, **evaluate(0))
+        for update in range(cfg.total_updates):
+            t0 = time.time()
+            lr_scale = cosine_lr(update, cfg.total_updates, 1.0, cfg.warmup_updates, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_scale
+
+            # 1. rollout: every rank draws the same B prompts and takes its share; each of its
+            #    prompts is sampled k times, in consecutive rows: row i belongs to group i // k
+            while len(prompt_order) < cfg.batch_size:        # passes over the prompts, reshuffled each time
+                prompt_order += torch.randperm(len(prompts), generator=rng).tolist()
+            batch_prompts = runtime.shard([prompts[i] for i in prompt_order[:cfg.batch_size]])   # B / ranks
+            del prompt_order[:cfg.batch_size]
+            rows = [p for p in batch_prompts for _ in range(k)]                                  # (B / ranks) * k
+            texts, _, (generation,) = sample_responses(policy, tokenizer, rows, max_new_tokens=cfg.max_new_tokens,
+                                                       temperature=cfg.temperature, generator=sample_generator,
+                                                       batch_size=len(rows))   # one batch: one Generation
+
+            # 2. scores: the RM's (normalised, the missing-EOS penalty) or gold's, as PPO's
+            if cfg.reward == "gold" and gold_normaliser is None:
+                _, first_gold, _ = score_rollout(generation, rows, texts, reward="gold")
+                first_gold = torch.tensor(runtime.gather_objects(first_gold.tolist()))   # every rank's samples
+                gold_normaliser = (first_gold.mean().item(), max(first_gold.std(unbiased=False).item(), 1e-3))
+                print(f"gold reward normalised with the SFT batch's mean {gold_normaliser[0]:.3f}, "
+                      f"sd {gold_normaliser[1]:.3f}")
+            scores, gold, rm = score_rollout(generation, rows, texts, reward=cfg.reward, reward_scorer=reward_scorer,
+                                             gold_normaliser=gold_normaliser or (0, 1),
+                                             missing_eos_penalty=cfg.missing_eos_penalty)
+            rollout = Rollout.from_generation(generation, scores)
+            rollout_seconds = time.time() - t0
+
+            # 3. old and reference logprobs, over the first epoch's minibatches (ratio 1 on the first)
+            orders = minibatch_orders(rollout.batch_size, cfg.num_minibatches, cfg.ppo_epochs, rng)
+            forward_logprobs(rollout, policy, ref_policy, temperature=cfg.temperature, minibatches=orders[0])
+            mask = rollout.response_mask
+            kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * mask      # (rows, R), 0 at padding
+            kl_per_response = kl.sum(dim=1)                                          # (rows,) nats
+
+            # 4. advantages: one per response, from its group alone (no critic); the KL joins the
+            #    score first in --kl-mode reward, the loss in --kl-mode loss
+            advantages = group_advantages(rollout.scores, kl_per_response, group_size=k, advantage=cfg.advantage,
+                                          kl_mode=cfg.kl_mode, kl_coef=cfg.kl_coef, eps=cfg.eps)   # (rows,)
+            rollout.advantages = advantages[:, None] * mask                          # each token its response's
+            record = means_over_ranks(runtime, {
+                "objective/scores": (rollout.scores.mean().item(), len(rows)),
+                "objective/kl": (kl_per_response.mean().item(), len(rows)),
+                "objective/rlhf_reward": ((rollout.scores - cfg.kl_coef * kl_per_response).mean().item(), len(rows)),
+                "objective/entropy": (masked_mean(rollout.entropy, mask).item(), mask.sum().item()),
+                "objective/gold": (gold.float().mean().item(), len(rows)),
+                **({"objective/rm": (rm.mean().item(), len(rows))} if rm is not None else {}),
+                "response_length": (mask.sum(dim=1).mean().item(), len(rows)),
+                "eos_rate": (rollout.ended.float().mean().item(), len(rows)),
+            })
+            record.update(group_stats(rollout.scores, advantages, k, runtime))
+
+            # 5. clipped-surrogate epochs; no value loss
+            t1 = time.time()
+            update_stats = grpo_update(rollout, train_policy, optimizer, orders=orders, temperature=cfg.temperature,
+                                       clip_range=cfg.clip_range, kl_mode=cfg.kl_mode, kl_coef=cfg.kl_coef,
+                                       grad_clip=cfg.grad_clip, step=update + 1, runtime=runtime)
+            update_stats.pop("minibatch_stats")
+            record.update(update_stats)
+            (n_tokens,) = runtime.sum_over_ranks(mask.sum().item())
+            record.update({"kl_coef": cfg.kl_coef, "lr": cfg.lr * lr_scale, "time/rollout_s": rollout_seconds,
+                           "time/update_s": time.time() - t1,
+                           "time/episodes_per_s": cfg.batch_size * k / (time.time() - t0)})
+
+            step = update + 1
+            if step % cfg.sample_every == 0 or step == 1:   # rank 0's first group: the baseline at work
+                print(f"  [group] {rows[0]!r}")
+                for text, score, advantage in list(zip(texts, scores.tolist(), advantages.tolist()))[:k]:
+                    print(f"     score {score:+.2f} advantage {advantage:+.2f} | {text!r}")
+            if step == cfg.total_updates or (cfg.eval_every and step % cfg.eval_every == 0):
+                record.update(evaluate(step))
+            log.log(step, **record)
+            progress.log(step, tokens=int(n_tokens), score=record["objective/scores"], gold=record["objective/gold"],
+                         kl=record["objective/kl"], zero_std=record["group/zero_std_share"],
+                         clipfrac=record["policy/clipfrac"])
+            summary = {name: v for name, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+    minutes = (time.time() - start) / 60
+    summary.update({"minutes": minutes, "samples_drawn": cfg.batch_size * k * cfg.total_updates})
+    if not runtime.is_main:
+        return   # rank 0 alone writes, plots and reports
+    save_checkpoint(out_path, kind=kind, model_state=policy.state_dict(), model_config=asdict(policy.config),
+                    tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=cfg.total_updates,
+                    metrics={**summary, **baseline}, reward=cfg.reward, advantage=cfg.advantage,
+                    kl_mode=cfg.kl_mode, gold_normaliser=list(gold_normaliser) if gold_normaliser else None)
+    curves = os.path.join(cfg.out_dir, f"{kind}_curves.png")
+    plot_curves(read_metrics(metrics_path), [
+        {"keys": ["objective/scores", "objective/rlhf_reward", "eval/rm"], "title": "reward (what is maximised)",
+         "ylabel": "normalised score"},
+        {"keys": ["objective/gold", "eval/gold"], "title": "gold labeler score (never trained on)", "ylabel": "gold total"},
+        {"keys": ["objective/kl", "eval/kl"], "title": "KL(policy || SFT) per response", "ylabel": "nats"},
+        {"keys": ["group/zero_std_share"], "title": "groups with equal scores (nothing to learn)", "ylabel": "fraction"},
+        {"keys": ["group/score_std", "group/advantage_abs"], "title": "within-group score spread, |advantage|",
+         "ylabel": "score units"},
+        {"keys": ["objective/entropy"], "title": "policy entropy per token", "ylabel": "nats"},
+        {"keys": ["policy/clipfrac", "policy/approxkl"], "title": "clipping and approximate KL",
+         "ylabel": "fraction / nats"},
+        {"keys": ["response_length", "eval/response_length"], "title": "response length", "ylabel": "tokens"},
+        {"keys": ["eos_rate", "eval/eos_rate"], "title": "share of responses that end (EOS)", "ylabel": "fraction"},
+    ], curves, title=f"{cfg.advantage.upper()} (reward = {cfg.reward}, KL in the {cfg.kl_mode})", xlabel="update")
+    if "eval/gold" in summary:
+        print(f"held-out gold: SFT {baseline['sft/gold']:.3f} -> {cfg.advantage.upper()} {summary['eval/gold']:.3f} "
+              f"({summary['eval/gold_gain_sd']:+.2f} SFT standard deviations), KL {summary['eval/kl']:.2f} nats")
+    print(f"done in {minutes:.1f} min, {summary['samples_drawn']} samples")
+    print(f"wrote {out_path}, {metrics_path}, {curves}")
+
+
+if __name__ == "__main__":
+    run_main(main)

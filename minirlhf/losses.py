@@ -5,7 +5,7 @@ preference losses of step 2 (reward model), and the pieces of step 3 (PPO with a
 KL estimators, KL-shaped per-token rewards, the clipped policy and value losses, advantage
 whitening and the KL coefficient controllers. Nothing here owns a model or an optimizer.
 
-Conventions used throughout (see DESIGN.md, "Pinned details"):
+Conventions used throughout (see docs/design.md, "Conventions every RL quantity follows"):
 
 * Token tensors are ``(B, T)``: batch of ``B`` rows, ``T`` positions. A *mask* of the same shape
   is 1 (or ``True``) where a token counts and 0 at padding. Masks may be bool or float; they are
@@ -53,6 +53,9 @@ __all__ = [
     "explained_variance",
     "FixedKLController",
     "AdaptiveKLController",
+    "rloo_advantages",
+    "grpo_advantages",
+    "dpo_loss",
 ]
 
 
@@ -102,7 +105,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> t
         x: any shape, e.g. ``(B, T)``.
         mask: bool or 0/1 float of the same (or a broadcastable) shape.
         unbiased: apply Bessel's correction. ``masked_whiten`` uses the population variance
-            (``unbiased=False``), as DESIGN.md pins.
+            (``unbiased=False``), as docs/design.md pins.
 
     Raises:
         ValueError: ``unbiased=True`` with fewer than 2 valid entries (the correction divides by 0).
@@ -370,7 +373,7 @@ def kl_shaped_rewards(
           the PAD after it (trap: putting the score on the first PAD, or at ``T - 1``).
         * rewards and kl are 0 at padded positions. A row with no valid token gets all 0 (and no
           score).
-        * **Returns a tuple** ``(rewards, kl)``: DESIGN.md lists only the rewards; the per-token kl
+        * **Returns a tuple** ``(rewards, kl)``: the API lists only the rewards; the per-token kl
           is returned too because the PPO loop logs it (``objective/kl`` is ``kl.sum(1).mean()``,
           the quantity the adaptive controller uses).
 

@@ -2,11 +2,14 @@
 
 Lesson in four parts:
 
-1. **Training** (`train_bpe`). Byte-level BPE (Sennrich et al. 2016; GPT-2, Radford et al. 2019, §2.2)
-   starts from the 256 single bytes (ranks 0..255) and repeatedly adds the most frequent adjacent pair
-   of tokens as a new token (ranks 256, 257, ...). Before counting, the text is cut into pre-tokens by
-   GPT-2's regex (`GPT2_SPLIT_PATTERN`: words with their leading space, numbers, punctuation runs,
-   whitespace), and merges never cross a pre-token boundary, so " cat" and " cat." share a token.
+1. **Training** (`train_bpe_plain`, the textbook version; `train_bpe`, the fast one). Byte-level BPE
+   (Sennrich et al. 2016; GPT-2, Radford et al. 2019, §2.2) starts from the 256 single bytes (ranks
+   0..255) and repeatedly adds the most frequent adjacent pair of tokens as a new token (ranks 256,
+   257, ...). Before counting, the text is cut into pre-tokens by GPT-2's regex (`GPT2_SPLIT_PATTERN`:
+   words with their leading space, numbers, punctuation runs, whitespace), and merges never cross a
+   pre-token boundary, so " cat" and " cat." share a token. `train_bpe_plain` recounts every pair
+   at every merge; `train_bpe` (what data/prepare.py runs) keeps the counts up to date instead, and
+   the tests check that both learn the same merges, ties included.
 
 2. **Storage** (`save_ranks` / `load_ranks`). The result is a table `bytes -> rank`, written in
    tiktoken's own rank-file format: one line `<base64 of the token's bytes> <rank>` per token.
@@ -54,6 +57,7 @@ import os
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import regex  # the `regex` module (a dependency of tiktoken): `re` has no \p{L} classes
@@ -84,17 +88,21 @@ _SPECIAL_RE = regex.compile("|".join(regex.escape(token) for token in SPECIAL_TO
 # 1. Training
 # --------------------------------------------------------------------------------------------------
 
-def _count_pretokens(text: str) -> Counter:
-    """Count the GPT-2 pre-tokens of `text` (as UTF-8 bytes), skipping special-token strings.
+def _pretokens(text: str) -> Iterator[str]:
+    """The GPT-2 pre-tokens of `text`, in order, skipping special-token strings.
 
     The corpus writes chats with the special-token strings in them ("<|user|>..."). Those become
     single special ids at encoding time, so they are not text to learn merges from: the text is cut
     at them first, exactly as tiktoken's `encode(..., allowed_special="all")` does, and each segment
     is split by the regex on its own.
     """
-    counts: Counter = Counter()
     for segment in _SPECIAL_RE.split(text):
-        counts.update(_SPLIT_RE.findall(segment))
+        yield from _SPLIT_RE.findall(segment)
+
+
+def _count_pretokens(text: str) -> Counter:
+    """Count the distinct pre-tokens of `text` (as UTF-8 bytes): {pre-token: occurrences}."""
+    counts = Counter(_pretokens(text))
     return Counter({chunk.encode("utf-8"): n for chunk, n in counts.items()})
 
 
@@ -116,8 +124,53 @@ def _merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]
     return merged
 
 
+def train_bpe_plain(text: str, vocab_size: int) -> dict[bytes, int]:
+    """Train a byte-level BPE the textbook way; return the rank table {token bytes: rank}.
+
+    The reference `train_bpe` is tested against: every pre-token occurrence is kept as its own list
+    of ids, and every pair is counted again from scratch before each merge (minbpe's trainer):
+
+        repeat until vocab_size tokens exist:
+            count every adjacent pair (a, b) of ids, over all pre-tokens
+            take the most frequent pair; among equal counts the smallest (a, b), i.e. older tokens
+            its bytes vocab[a] + vocab[b] become token 256, 257, ...; replace each (a, b) by it
+
+    Ranks 0..255 are the single bytes; `vocab_size` counts them and the merges, not the special
+    tokens. Stops early, with fewer tokens, when every pre-token has become a single token.
+    Slow (a full recount per merge): for tests and for reading; data/prepare.py runs `train_bpe`.
+
+    Trap: two pairs could in principle spell the same bytes, e.g. ("ab", "c") and ("a", "bc"). A rank
+    table holds each byte string once, so the second one would reuse the existing token's id.
+
+    >>> ranks = train_bpe_plain("aaabdaaabac", vocab_size=259)   # one pre-token
+    >>> [token for token, rank in ranks.items() if rank >= 256]  # aa: 4; then (aa, a), (a, b): 2 each
+    [b'aa', b'ab', b'aaab']
+    """
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size must be at least 256 (the byte tokens), got {vocab_size}")
+    # BEGIN SOLUTION
+    # HINT: count with Counter(zip(ids, ids[1:])) over every pre-token; replace a pair with _merge_pair
+    words = [list(chunk.encode("utf-8")) for chunk in _pretokens(text)]  # each occurrence: its byte ids
+    vocab = {byte: bytes([byte]) for byte in range(256)}  # id -> token bytes
+    ranks = {token: token_id for token_id, token in vocab.items()}  # token bytes -> id
+    while len(vocab) < vocab_size:
+        pair_counts: Counter = Counter()  # (a, b) -> how often b follows a, overlaps counted ("aaa": 2)
+        for ids in words:
+            pair_counts.update(zip(ids, ids[1:]))
+        if not pair_counts:
+            break  # every pre-token is a single token: nothing left to merge
+        pair = min(pair_counts, key=lambda p: (-pair_counts[p], p))  # the most frequent, then smallest ids
+        token = vocab[pair[0]] + vocab[pair[1]]
+        if token not in ranks:  # (see the trap: otherwise the existing token is reused)
+            ranks[token] = len(vocab)
+            vocab[ranks[token]] = token
+        words = [_merge_pair(ids, pair, ranks[token]) for ids in words]
+    return ranks
+    # END SOLUTION
+
+
 def train_bpe(text: str, vocab_size: int, *, verbose: bool = False) -> dict[bytes, int]:
-    """Train a byte-level BPE on `text`; return the rank table {token bytes: rank}.
+    """Train a byte-level BPE on `text`, fast; return the same rank table as `train_bpe_plain`.
 
     Ranks 0..255 are the single bytes (rank b == the byte value b); rank 256 + i is the token made by
     the i-th merge. `vocab_size` counts these byte tokens and merges, NOT the special tokens (which

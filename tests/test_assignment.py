@@ -124,7 +124,7 @@ def test_every_library_region_is_found_and_graded_by_a_test():
     functions = {r.function for r in regions}
     for name in ("masked_mean", "sft_loss", "ranking_reward_loss", "kl_penalty", "kl_shaped_rewards",
                  "ppo_policy_loss", "ppo_value_loss", "AdaptiveKLController.update", "gae_reference",
-                 "token_logprobs_reference"):
+                 "token_logprobs_reference", "train_bpe_plain"):
         assert name in functions, f"no solution region in {name}"
     tests = ma.read_tests(REPO)
     assert "tests/test_losses.py::test_sft_loss_hand_worked" in tests
@@ -134,6 +134,7 @@ def test_every_library_region_is_found_and_graded_by_a_test():
     assert commands["sft_loss"].startswith("pytest tests/test_losses.py") and commands["sft_loss"].endswith(
         " -k sft_loss"), commands["sft_loss"]
     assert "tests/test_kernels_gae.py" in commands["gae_reference"], "the oracle is graded by its whole file"
+    assert commands["train_bpe_plain"] == "pytest tests/test_tokenizer.py -k train_bpe_plain", commands["train_bpe_plain"]
     by_name = {r.function: r for r in regions}
     breaks = ma.also_breaks(by_name["masked_mean"], regions, tests, commands["masked_mean"])
     assert "sft_loss" in breaks, "masked_mean's callers break while it is blank"
@@ -175,6 +176,24 @@ def test_student_copy_fails_exactly_on_the_blanked_functions_then_passes_with_th
     failed, passed = pytest_outcomes(student, "tests/test_losses.py", "-k",
                                      "sft_loss or entropy_from_logits or fixed_kl_controller")
     assert not failed and passed == graded, f"with the solutions back, still failing: {sorted(failed)}"
+
+
+def test_student_copy_without_the_textbook_bpe_trainer_fails_only_its_tests(tmp_path):
+    # The fast trainer (data/prepare.py's) stays: only the tests of train_bpe_plain, which compare
+    # the two, fail; every other tokenizer test still runs and passes.
+    student = tmp_path / "student"
+    result = subprocess.run([sys.executable, "make_assignment.py", "--out", str(student), "--only", "train_bpe_plain"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "pytest tests/test_tokenizer.py -k train_bpe_plain" in result.stdout
+    text = (student / "minirlhf" / "tokenizer.py").read_text()
+    assert [name for _, name in STUB.findall(text)] == ["train_bpe_plain"], STUB.findall(text)
+    # (not the test of the real data files: a student copy has no data/, and preparing it takes a while)
+    failed, passed = pytest_outcomes(student, "tests/test_tokenizer.py", "-k", "not real_data")
+    graded = {test for test in failed | passed if "train_bpe_plain" in test}
+    assert len(graded) >= 2, f"no test grades train_bpe_plain: {sorted(failed | passed)}"
+    assert failed == graded, (f"tests that fail but should pass: {sorted(failed - graded)}; "
+                              f"tests that pass but should fail: {sorted(graded - failed)}")
 
 
 def test_default_copy_blanks_every_region_and_still_imports(tmp_path):

@@ -10,6 +10,7 @@ import json
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,6 @@ import torch
 from minirlhf.tokenizer import (
     ASSISTANT_TOKEN,
     EOS_TOKEN,
-    GPT2_SPLIT_PATTERN,
     PAD_TOKEN,
     SPECIAL_TOKENS,
     USER_TOKEN,
@@ -33,6 +33,7 @@ from minirlhf.tokenizer import (
     render_chat,
     save_ranks,
     train_bpe,
+    train_bpe_plain,
 )
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -97,36 +98,6 @@ def tok(ranks):
     return Tokenizer(ranks)
 
 
-def naive_train_bpe(text: str, vocab_size: int) -> dict[bytes, int]:
-    """An independent, obviously-correct (and slow) trainer: every pre-token occurrence separately,
-    all pair counts recomputed from scratch at every merge, ties to the smallest (left, right) ids.
-    `text` must not contain special-token strings."""
-    words = [list(chunk.encode("utf-8")) for chunk in regex.findall(GPT2_SPLIT_PATTERN, text)]
-    vocab = {i: bytes([i]) for i in range(256)}
-    while len(vocab) < vocab_size:
-        pair_counts = {}
-        for word in words:
-            for i in range(len(word) - 1):
-                pair = (word[i], word[i + 1])
-                pair_counts[pair] = pair_counts.get(pair, 0) + 1
-        if not pair_counts:
-            break
-        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
-        new_id = len(vocab)
-        vocab[new_id] = vocab[best[0]] + vocab[best[1]]
-        for w, word in enumerate(words):
-            merged, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    merged.append(new_id)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            words[w] = merged
-    return {token: token_id for token_id, token in vocab.items()}
-
-
 def merges_of(ranks: dict[bytes, int]) -> list[bytes]:
     """The merged tokens in rank order (ranks >= 256)."""
     return [token for token, rank in sorted(ranks.items(), key=lambda item: item[1]) if rank >= 256]
@@ -158,16 +129,48 @@ def test_overlapping_pairs_merge_left_to_right():
     assert Tokenizer(ranks).encode("aaa") == [256, 97]
 
 
-def test_training_matches_naive_reference():
-    # The incremental bookkeeping (unique pre-tokens, pair index, lazy heap) must give exactly the
-    # merges of the from-scratch recount, ties included.
-    text = "\n".join(line for line in SAMPLE_TEXT.splitlines() if "<|" not in line)
-    text = text[:3000]
-    expected = naive_train_bpe(text, 330)
-    got = train_bpe(text, 330)
-    assert len(got) == len(expected) == 330
+def test_train_bpe_plain_worked_by_hand():
+    # The textbook trainer on the cases above, counted by hand: the reference must be right on its own.
+    assert merges_of(train_bpe_plain("aaabdaaabac", 259)) == [b"aa", b"ab", b"aaab"], "merges or the tie rule"
+    assert merges_of(train_bpe_plain("aaaa", 258)) == [b"aa", b"aaaa"], "(a, a) occurs 3 times in aaaa"
+    assert merges_of(train_bpe_plain("aaa", 258)) == [b"aa", b"aaa"], "aaa merges left to right: [aa, a]"
+    # Pre-tokens "ab", " ab": two merges, then every pre-token is one token and training stops.
+    assert merges_of(train_bpe_plain("ab ab", 1000)) == [b"ab", b" ab"]
+    # Counts are per occurrence: " cat" x3 beats "dog" + " dog" (x2) although "dog" comes first; its
+    # pairs tie at 3, and the smallest ids win: (32, 99) = " c", then (97, 116) = "at" before (256, 97).
+    assert merges_of(train_bpe_plain("dog dog cat cat cat", 258)) == [b" c", b"at"]
+    # Special-token strings are cut out first: "<|" (60, 124) occurs as often as "xy" and would win the tie.
+    assert merges_of(train_bpe_plain("<|user|>xy<|assistant|>xy", 257)) == [b"xy"]
+    ranks = train_bpe_plain("aaabdaaabac", 259)
+    assert [ranks[bytes([b])] for b in range(256)] == list(range(256)), "ranks 0..255 must be the bytes"
+    with pytest.raises(ValueError, match="at least 256"):
+        train_bpe_plain("abc", 255)
+
+
+def random_words(seed: int, letters: str, n_words: int) -> str:
+    """Short words over a few letters, seeded: many equal counts (ties) and runs like "aaa" (overlaps)."""
+    rng = random.Random(seed)
+    return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(1, 6))) for _ in range(n_words))
+
+
+@pytest.mark.parametrize("text, vocab_size", [
+    ("aaabdaaabac", 259),                                  # the textbook string
+    ("aaaa aaa aaaaa", 270),                               # overlapping pairs, trained to the end
+    ("ab cd ef gh ij ba dc fe hg ji", 290),                # every pair once: the tie rule decides every merge
+    (random_words(0, "ab", 300), 300),                     # two letters: ties and overlaps all the way
+    (random_words(1, "abc", 200), 330),
+    (SAMPLE_TEXT, VOCAB_SIZE),                             # specials, unicode, numbers, odd whitespace
+], ids=["textbook", "overlaps", "all_ties", "random_ab", "random_abc", "sample_text"])
+def test_train_bpe_matches_train_bpe_plain(text, vocab_size):
+    # The fast trainer's bookkeeping (unique pre-tokens, pair index, lazy heap) must give exactly the
+    # merges of the textbook recount, in the same order, ties included.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the small texts run out of pairs before vocab_size (both stop)
+        expected, got = train_bpe_plain(text, vocab_size), train_bpe(text, vocab_size)
+    assert len(got) == len(expected), f"train_bpe made {len(got)} tokens, train_bpe_plain {len(expected)}"
     for rank, (token_expected, token_got) in enumerate(zip(merges_of(expected), merges_of(got)), start=256):
         assert token_got == token_expected, f"merge rank {rank}: expected {token_expected!r}, got {token_got!r}"
+    assert got == expected
 
 
 def test_training_is_deterministic_and_independent_of_text_order():

@@ -122,7 +122,7 @@ class Answers:
     greedy_ended: np.ndarray
     greedy_gold: np.ndarray
     greedy_parts: dict[str, np.ndarray]
-    rm: np.ndarray | None = None      # (S, N) normalised RM score
+    rm: np.ndarray | None = None      # (S, N) what RL maximises: the normalised RM score, -1 without EOS (`RewardScorer.reward`)
 
 
 def load_policy(path: str, tokenizer: Tokenizer, runtime) -> tuple[GPT, dict]:
@@ -259,7 +259,7 @@ def best_of_n(sft, sft_answers: Answers, tokenizer, prompts: list[str], subset: 
         texts, ended, _ = sample_responses(sft, tokenizer, repeated, max_new_tokens=cfg.max_new_tokens,
                                            temperature=cfg.temperature, generator=generator, batch_size=cfg.batch_size)
         gold = np.concatenate([gold, grade(repeated, texts, ended)[0].reshape(extra, K)])
-        rm = np.concatenate([rm, scorer.score(repeated, texts, ended).numpy().reshape(extra, K)])
+        rm = np.concatenate([rm, scorer.reward(repeated, texts, ended).numpy().reshape(extra, K)])
     result = {"prompts": K, "samples_per_prompt": len(gold), "n": ns, "kl": [best_of_n_kl(n) for n in ns]}
     result["gold"] = [float(np.mean([best_of_n_expected(rm[:, i], gold[:, i], n) for i in range(K)])) for n in ns]
     result["rm"] = [float(np.mean([best_of_n_expected(rm[:, i], rm[:, i], n) for i in range(K)])) for n in ns]
@@ -651,7 +651,7 @@ def main() -> None:
         answers = answer(model, reference, tokenizer, prompts, cfg, cfg.samples, runtime)
         if scorer is not None:
             flat_texts = [t for row in answers.texts for t in row]
-            answers.rm = scorer.score(prompts * cfg.samples, flat_texts,
+            answers.rm = scorer.reward(prompts * cfg.samples, flat_texts,
                                       answers.ended.ravel().tolist()).numpy().reshape(answers.gold.shape)
         all_answers[label] = answers
         print(f"{label}: {answers.gold.size} samples + {len(prompts)} greedy from {path}, "

@@ -37,7 +37,6 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from itertools import combinations
 
 import torch
 
@@ -125,13 +124,14 @@ def encode_pairs(tokenizer, comparisons, block_size, source):
     """Comparisons -> (rows, pairs): every distinct response once as (prompt ids, response ids), and
     every preference as (chosen row, rejected row).
 
-    A ranking of K responses, best first, holds C(K, 2) preferences "ranked higher beats ranked
-    lower"; the file stores no gold scores, so every one of them is a preference. Each response is
+    A ranking of K responses, best first, holds C(K, 2) pairs "ranked higher beats ranked lower",
+    less its ties (`RankedComparison.preferences`: the noiseless gold labeler marks responses with
+    equal totals as tied, and a tie says neither is better, so it is no preference). Each response is
     rendered exactly as the reward model saw it (`reward.encode_ranked`): [USER] prompt [ASSISTANT]
     response [EOS], the EOS left off a response that ran out of tokens (`ended` False), since its
     log-probability is that of the tokens the policy actually wrote. A pair of identical responses
     is skipped: its log-ratios cancel, so it only dilutes the batch."""
-    rows, pairs, identical, cut = [], [], 0, 0
+    rows, pairs, identical, tied, cut = [], [], 0, 0, 0
     for number, comparison in enumerate(comparisons, start=1):
         first = len(rows)
         try:
@@ -146,13 +146,17 @@ def encode_pairs(tokenizer, comparisons, block_size, source):
                 rows.append((prompt_ids, response_ids))
         except ValueError as error:   # e.g. a special-token string inside the text
             raise UserError(f"{source}:{number}: {error}") from None
-        for better, worse in combinations(comparison.ranking, 2):   # positions in the ranking: better first
+        preferences = comparison.preferences()
+        tied += math.comb(len(comparison.responses), 2) - len(preferences)
+        for better, worse in preferences:   # response indices, better first, ties left out
             if rows[first + better] == rows[first + worse]:
                 identical += 1
                 continue
             pairs.append((first + better, first + worse))
     if cut:
         print(f"note: {cut} prompt + response sequences are longer than the block size ({block_size}) and are cut")
+    if tied:
+        print(f"note: {tied} tied pairs skipped (the labeler preferred neither response)")
     if identical:
         print(f"note: {identical} pairs of identical responses skipped")
     return rows, pairs

@@ -3,7 +3,7 @@ them, and train a scalar-headed GPT to score responses the way the labeler ranks
 
 Reads  out/sft.pt, data/rm_prompts.jsonl ({"prompt"}), data/tokenizer.tiktoken
        (or --comparisons FILE: ranked {"prompt", "responses", "ranking"} or {"prompt", "chosen", "rejected"})
-Writes out/rm.pt, out/rm_comparisons.jsonl (what it trained on), out/rm_metrics.jsonl,
+Writes out/rm.pt, out/rm_comparisons.jsonl (what the labeler ranked, ties included), out/rm_metrics.jsonl,
        out/rm_curves.png (loss and accuracy), out/rm_scatter.png (RM score vs gold score, held out)
 
 InstructGPT section 3.5 ("Reward modeling"): the RM is the SFT model with its LM head replaced by a
@@ -120,8 +120,9 @@ PRESETS = {
 
 
 @torch.no_grad()
-def evaluate(model, encoded, objective, pad_id, batch_size, runtime) -> tuple[float, float]:
-    """Held-out (loss, pairwise accuracy against the labeler's rankings) of all of `encoded`.
+def evaluate(model, encoded, tiers, objective, pad_id, batch_size, runtime) -> tuple[float, float]:
+    """Held-out (loss, pairwise accuracy against the labeler's rankings, its ties left out) of all
+    of `encoded` (best-first token lists of each comparison; `tiers`: the ties of each).
 
     Each rank scores its share (`runtime.shard`) with the unwrapped model (no gradients, so no
     DDP); the ranks add up their loss sums, comparison counts and pair counts, and the ratios of
@@ -129,12 +130,13 @@ def evaluate(model, encoded, objective, pad_id, batch_size, runtime) -> tuple[fl
     """
     model.eval()
     loss_sum = correct = pairs = 0.0
-    share = runtime.shard(encoded)
+    share = runtime.shard(list(range(len(encoded))))
     for start in range(0, len(share), batch_size):
         chunk = share[start:start + batch_size]
-        loss, rewards = comparison_loss(model, chunk, objective, pad_id)
+        chunk_tiers = [tiers[i] for i in chunk]
+        loss, rewards = comparison_loss(model, [encoded[i] for i in chunk], objective, pad_id, chunk_tiers)
         loss_sum += loss.item() * len(chunk)            # the loss is a mean over the chunk's comparisons
-        chunk_correct, chunk_pairs = pairwise_counts(rewards.cpu())
+        chunk_correct, chunk_pairs = pairwise_counts(rewards.cpu(), chunk_tiers)
         correct += chunk_correct
         pairs += chunk_pairs
     model.train()
@@ -142,9 +144,10 @@ def evaluate(model, encoded, objective, pad_id, batch_size, runtime) -> tuple[fl
     return loss_sum / count, (correct / pairs if pairs else math.nan)
 
 
-def train_metrics(runtime, loss: torch.Tensor, rewards: torch.Tensor, weight: float) -> dict:
+def train_metrics(runtime, loss: torch.Tensor, rewards: torch.Tensor, tiers: list[list[int]], weight: float) -> dict:
     """The GLOBAL batch's loss, pairwise accuracy and margin (best minus worst reward), from this
-    rank's share: `loss` and `rewards` (B_r, K_max) of its comparisons, `weight` from `batch_share`.
+    rank's share: `loss` and `rewards` (B_r, K_max) of its comparisons (with their `tiers`: ties
+    leave the accuracy), `weight` from `batch_share`.
 
     The loss and the margin are means over the rank's comparisons; weighted like the loss, they sum
     over the ranks to world_size times the global mean. Accuracy is added up as pair counts. A
@@ -154,7 +157,7 @@ def train_metrics(runtime, loss: torch.Tensor, rewards: torch.Tensor, weight: fl
     rewards = rewards.cpu()                                                # (B_r, K_max) best first
     worst = rewards.gather(1, ((~rewards.isnan()).sum(1) - 1)[:, None])   # (B_r, 1) last scored
     margin = (rewards[:, :1] - worst).mean().item()
-    correct, pairs = pairwise_counts(rewards) if weight else (0.0, 0.0)
+    correct, pairs = pairwise_counts(rewards, tiers) if weight else (0.0, 0.0)
     loss_sum, margin_sum, correct, pairs = runtime.sum_over_ranks(loss.item() * weight, margin * weight,
                                                                   correct, pairs)
     return {"loss/train": loss_sum / runtime.world_size, "accuracy/train": correct / pairs if pairs else math.nan,
@@ -254,14 +257,22 @@ def main() -> None:
     if collected is None:
         return   # a person quit labelling; the answers so far are saved, the next run resumes
     comparisons, val_prompts, candidates = collected
-    encoded = encode_all(tokenizer, comparisons, config.block_size, cfg.comparisons or "comparisons")
     comparisons_path = os.path.join(cfg.out_dir, "rm_comparisons.jsonl")
-    if runtime.is_main:
+    if runtime.is_main:   # everything the labeler ranked, ties included
         labeling.write_comparisons(comparisons_path, comparisons)
+    ranked = len(comparisons)
+    comparisons = labeling.drop_all_tied(comparisons)   # a tie is not a preference: these prefer nothing
+    pairs = sum(math.comb(len(c.responses), 2) for c in comparisons)
+    tied = pairs - sum(len(c.preferences()) for c in comparisons)
+    print(f"ties: {ranked - len(comparisons)} comparisons whose responses are all tied are dropped; "
+          f"{tied} of the other {pairs} pairs are ties, left out of the loss and the accuracy")
+    encoded = encode_all(tokenizer, comparisons, config.block_size, cfg.comparisons or "comparisons")
     minutes_collect = (time.time() - start) / 60
     held_out = [c.prompt in val_prompts for c in comparisons]
     train_encoded = [e for e, h in zip(encoded, held_out) if not h]
     val_encoded = [e for e, h in zip(encoded, held_out) if h]
+    train_tiers = [c.tiers for c, h in zip(comparisons, held_out) if not h]
+    val_tiers = [c.tiers for c, h in zip(comparisons, held_out) if h]
     val_set = [c for c, h in zip(comparisons, held_out) if h]
     if not train_encoded:
         raise UserError("no comparisons left for training (lower --val-fraction, or give more prompts)")
@@ -304,8 +315,8 @@ def main() -> None:
     step, val_loss, val_accuracy = 0, math.nan, math.nan
     with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
         if val_encoded:   # step 0: the untrained head, for reference (about chance)
-            val_loss, val_accuracy = evaluate(model, val_encoded, cfg.rm_objective, tokenizer.pad_id, cfg.batch_size,
-                                              runtime)
+            val_loss, val_accuracy = evaluate(model, val_encoded, val_tiers, cfg.rm_objective, tokenizer.pad_id,
+                                              cfg.batch_size, runtime)
             log.log(0, **{"loss/val": val_loss, "accuracy/val": val_accuracy})
         for epoch in range(cfg.epochs):
             order = list(range(len(train_encoded)))
@@ -314,10 +325,11 @@ def main() -> None:
                 lr = cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = [train_encoded[i] for i in order[first:first + cfg.batch_size]]   # the global batch
-                share, weight = batch_share(runtime, batch)                               # this rank's part
-                loss, rewards = comparison_loss(train_model, share, cfg.rm_objective, tokenizer.pad_id)
-                record = train_metrics(runtime, loss, rewards, weight)
+                share, weight = batch_share(runtime, order[first:first + cfg.batch_size])   # this rank's part
+                tiers = [train_tiers[i] for i in share]                                     # of the global batch
+                loss, rewards = comparison_loss(train_model, [train_encoded[i] for i in share], cfg.rm_objective,
+                                                tokenizer.pad_id, tiers)
+                record = train_metrics(runtime, loss, rewards, tiers, weight)
                 # the global loss, the same on every rank: all of them stop together on a NaN
                 check_finite(torch.tensor(record["loss/train"]), step)
                 optimizer.zero_grad(set_to_none=True)
@@ -327,13 +339,14 @@ def main() -> None:
                 step += 1
                 record.update({"lr": lr, "grad_norm": grad_norm.item(), "epoch": epoch})
                 if val_encoded and (step % cfg.eval_every == 0 or step == total_steps):
-                    val_loss, val_accuracy = evaluate(model, val_encoded, cfg.rm_objective, tokenizer.pad_id,
-                                                      cfg.batch_size, runtime)
+                    val_loss, val_accuracy = evaluate(model, val_encoded, val_tiers, cfg.rm_objective,
+                                                      tokenizer.pad_id, cfg.batch_size, runtime)
                     record.update({"loss/val": val_loss, "accuracy/val": val_accuracy})
                 log.log(step, **record)
                 progress.log(step, loss=record["loss/train"], val_acc=val_accuracy)
 
-    # ---- 3. normalise: (raw - bias) * gain has mean 0, std 1 on the SFT policy's samples
+    # ---- 3. normalise: (raw - bias) * gain has mean 0, std 1 on the SFT policy's samples that ended
+    #      (the ones whose score RL uses: one without EOS gets reward.MISSING_EOS_PENALTY instead).
     #      Each rank scores its share of the samples; the raw scores of all of them are gathered, so
     #      every rank fits the same bias and gain on every sample.
     if candidates:   # the policy's own samples (not the added degenerate ones); every rank holds all of them
@@ -349,7 +362,10 @@ def main() -> None:
         norm_samples = list(zip(norm_prompts, norm_responses, norm_ended))
     scorer = RewardScorer(model, tokenizer)   # bias 0, gain 1: raw scores
     raw_here = scorer.score(*(list(column) for column in zip(*norm_samples))) if norm_samples else torch.zeros(0)
-    reward_bias, reward_gain = fit_normalisation(torch.cat(runtime.gather_objects([raw_here])))
+    ended_here = torch.tensor([ended for _, _, ended in norm_samples], dtype=torch.bool)
+    raw, ended = (torch.cat(parts) for parts in zip(*runtime.gather_objects([(raw_here, ended_here)])))
+    # (with fewer than 2 that ended, e.g. a tiny token budget: all of them)
+    reward_bias, reward_gain = fit_normalisation(raw[ended] if ended.sum() >= 2 else raw)
     scorer.bias, scorer.gain = reward_bias, reward_gain
     if not runtime.is_main:
         return   # the report, the checkpoint and the plots are rank 0's

@@ -122,6 +122,7 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    suppress_ids: tuple[int, ...] | list[int] = (),
 ) -> Generation:
     """Sample up to `max_new_tokens` tokens after each prompt, all rows at once.
 
@@ -129,6 +130,9 @@ def generate(
     prompts         B lists of token ids (any lengths >= 1); left-padded with pad_id here
     temperature     softmax(logits / temperature); 0 means greedy (argmax)
     top_k, top_p    optional filtering before sampling (ignored when greedy)
+    suppress_ids    ids that are never sampled, greedy included (`sample_responses` passes PAD and the
+                    role markers: a response is text and EOS, nothing else). Like top-k/top-p this is
+                    a filter: `logprobs` stay those of the full distribution
     generator       a torch.Generator on the model's device, for reproducible sampling
     use_cache       True: prefill once, then one token per step with the KV cache. False: rerun the
                     whole prefix every step (same tokens, much slower; kept for the lesson and the benchmark)
@@ -176,12 +180,14 @@ def generate(
         ids, mask = prompt_ids, prompt_mask  # the growing sequence (B, P + s), used without the cache
         done = torch.zeros(B, dtype=torch.bool, device=device)  # the row has already emitted EOS
         tokens, token_masks, token_logprobs = [], [], []
+        suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
         for step in range(max_new_tokens):
             full_logprobs = F.log_softmax(next_logits / logprob_temperature, dim=-1)  # (B, V)
+            allowed_logits = next_logits.index_fill(1, suppress, float("-inf"))  # (B, V)
             if temperature == 0:
-                next_token = next_logits.argmax(dim=-1)  # (B,)
+                next_token = allowed_logits.argmax(dim=-1)  # (B,)
             else:
-                filtered = filter_logits(next_logits / temperature, top_k, top_p)
+                filtered = filter_logits(allowed_logits / temperature, top_k, top_p)
                 probs = F.softmax(filtered, dim=-1)
                 next_token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # (B,)
 

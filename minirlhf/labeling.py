@@ -31,14 +31,18 @@ low too.
 
 The comparisons are written in docs/design.md's ranked shape plus two optional fields:
 
-    {"prompt": str, "responses": [str, ...], "ranking": [int, ...], "ended": [bool, ...], "sources": [str, ...]}
+    {"prompt": str, "responses": [str, ...], "ranking": [int, ...], "ended": [bool, ...], "sources": [str, ...],
+     "tiers": [int, ...]}
 
 `ranking` lists indices into `responses`, best first. `ended[i]` is False when response i ran
 out of the token budget without an end-of-text: the reward model then sees it without the EOS,
 exactly as the policy produced it (and the gold labeler marks it down). `sources[i]` is "policy"
 for a sample of the SFT policy, or the kind of an added degenerate response. Each field is
 written only when it says something (a response that did not end, a response not from the
-policy); a file without them means every response ended and came from the policy.
+policy); `tiers[p]` is the tier of the response ranked p-th, equal tiers being ties (the noiseless
+gold labeler gives equal totals one tier: a tie is not a preference, and the RM's loss, its
+accuracy and DPO's pairs all leave tied pairs out). A file without them means every response
+ended, came from the policy, and the ranking is strict.
 """
 
 from __future__ import annotations
@@ -85,16 +89,26 @@ class Candidates:
 @dataclass
 class RankedComparison(Comparison):
     """A `data.Comparison` (prompt, responses, ranking best first) plus, per response, whether it
-    ended and where it came from (both optional in a file: all ended, all from the policy)."""
+    ended and where it came from (both optional in a file: all ended, all from the policy), and
+    the ties: `tiers[p]` is the tier of the response ranked p-th (non-decreasing; equal tiers are
+    responses the labeler preferred neither of; default 0, 1, ..., K-1: a strict ranking)."""
 
     ended: list[bool] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    tiers: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.ended:
             self.ended = [True] * len(self.responses)
         if not self.sources:
             self.sources = [POLICY] * len(self.responses)
+        if not self.tiers:
+            self.tiers = list(range(len(self.responses)))
+
+    def preferences(self) -> list[tuple[int, int]]:
+        """(better, worse) response indices of every pair the ranking orders: C(K, 2) pairs less the ties."""
+        return [(self.ranking[p], self.ranking[q]) for p, q in combinations(range(len(self.ranking)), 2)
+                if self.tiers[p] < self.tiers[q]]
 
     def to_json(self) -> dict:
         record = super().to_json()
@@ -102,7 +116,20 @@ class RankedComparison(Comparison):
             record["ended"] = list(self.ended)
         if any(source != POLICY for source in self.sources):
             record["sources"] = list(self.sources)
+        if len(set(self.tiers)) < len(self.tiers):
+            record["tiers"] = list(self.tiers)
         return record
+
+
+def tiers_of(ordered_totals: list[float]) -> list[int]:
+    """Tiers of scores listed best first: equal scores share a tier.
+
+        tiers_of([7.0, 7.0, 5.5, 2.0, 2.0])  ->  [0, 0, 1, 2, 2]
+    """
+    tiers = []
+    for p, total in enumerate(ordered_totals):
+        tiers.append(0 if p == 0 else tiers[-1] + (total != ordered_totals[p - 1]))
+    return tiers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,12 +300,28 @@ def gold_totals(candidates: Candidates) -> list[float]:
 
 def rank_with_gold(candidates: list[Candidates], noise: float = 0.0,
                    rng: random.Random | None = None) -> list[RankedComparison]:
-    """Rank every group with the gold labeler (`labeler.rank`; noise 0: by the rubric's total)."""
+    """Rank every group with the gold labeler (`labeler.rank`).
+
+    noise 0: by the rubric's total, and responses with EQUAL totals are ties (`tiers`), not a
+    preference for whichever was listed first. noise > 0: a sampled (Plackett-Luce) ranking,
+    strict like a person forced to choose - equal totals then come out in either order by chance.
+    """
     rng = rng or random.Random(0)
-    return [RankedComparison(c.prompt, list(c.responses), labeler.rank(c.prompt, c.responses, c.ended,
-                                                                        noise=noise, rng=rng),
-                             list(c.ended), list(c.sources))
-            for c in candidates]
+    ranked = []
+    for c in candidates:
+        ranking = labeler.rank(c.prompt, c.responses, c.ended, noise=noise, rng=rng)
+        if noise <= 0:
+            totals = gold_totals(c)
+            tiers = tiers_of([totals[i] for i in ranking])
+        else:
+            tiers = []
+        ranked.append(RankedComparison(c.prompt, list(c.responses), ranking, list(c.ended), list(c.sources), tiers))
+    return ranked
+
+
+def drop_all_tied(comparisons: list[RankedComparison]) -> list[RankedComparison]:
+    """The comparisons that prefer something: one whose responses are all tied teaches nothing."""
+    return [c for c in comparisons if c.preferences()]
 
 
 def _pair_probability(gap: float, noise: float) -> float:
@@ -440,7 +483,7 @@ def read_ranked_comparisons(path: str) -> list[RankedComparison]:
     ranked = []
     for comparison, (where, record) in zip(comparisons, records):
         k = len(comparison.responses)
-        ended, sources = record.get("ended"), record.get("sources")
+        ended, sources, tiers = record.get("ended"), record.get("sources"), record.get("tiers")
         if ended is not None and (not isinstance(ended, list) or len(ended) != k
                                   or not all(isinstance(e, bool) for e in ended)):
             raise UserError(f"{where}: 'ended' must be a list of {k} true/false values "
@@ -449,8 +492,13 @@ def read_ranked_comparisons(path: str) -> list[RankedComparison]:
                                     or not all(isinstance(s, str) for s in sources)):
             raise UserError(f"{where}: 'sources' must be a list of {k} strings (one per response), "
                             f"got {sources!r}")
+        if tiers is not None and (not isinstance(tiers, list) or len(tiers) != k
+                                  or not all(isinstance(t, int) and not isinstance(t, bool) for t in tiers)
+                                  or any(a > b for a, b in zip(tiers, tiers[1:]))):
+            raise UserError(f"{where}: 'tiers' must be a list of {k} non-decreasing integers (the tier of "
+                            f"each response in ranking order; equal: tied), got {tiers!r}")
         ranked.append(RankedComparison(comparison.prompt, comparison.responses, comparison.ranking,
-                                       list(ended or []), list(sources or [])))
+                                       list(ended or []), list(sources or []), list(tiers or [])))
     return ranked
 
 

@@ -236,7 +236,8 @@ def pairwise_reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> to
     # END SOLUTION
 
 
-def ranking_reward_loss(rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+def ranking_reward_loss(rewards: torch.Tensor, valid: torch.Tensor | None = None,
+                        tiers: torch.Tensor | None = None) -> torch.Tensor:
     """InstructGPT's K-wise ranking loss (Ouyang et al. 2022, section 3.5, eq. 1).
 
     For a prompt with ``K`` ranked responses (best first), every one of its ``C(K, 2)`` pairs
@@ -257,6 +258,11 @@ def ranking_reward_loss(rewards: torch.Tensor, valid: torch.Tensor | None = None
             over the pairs that remain, and a prompt with no pair left (fewer than 2 responses) is
             left out of the mean over prompts. The valid responses keep their best-first order.
             Values of ``rewards`` at missing positions are ignored (they may be ``nan``).
+        tiers: optional ``(B, K)`` integers, non-decreasing along each row: responses with equal
+            tiers are TIES (the labeler preferred neither), and a pair ``i < j`` is a comparison
+            only when ``tiers[b, i] < tiers[b, j]``. A tie is not a preference: training it as one
+            would teach the RM an order that is only the order the responses were listed in.
+            ``None``: a strict ranking (every pair counts).
 
     Returns:
         0-d tensor. With ``K = 2`` it equals ``pairwise_reward_loss(rewards[:, 0], rewards[:, 1])``.
@@ -275,6 +281,8 @@ def ranking_reward_loss(rewards: torch.Tensor, valid: torch.Tensor | None = None
     better_first = torch.ones(num_responses, num_responses, dtype=torch.bool, device=rewards.device)
     better_first = torch.triu(better_first, diagonal=1)  # (K, K)
     pair_mask = better_first & valid[:, :, None] & valid[:, None, :]  # (B, K, K)
+    if tiers is not None:  # a tied pair is no comparison
+        pair_mask = pair_mask & (tiers[:, :, None] < tiers[:, None, :])
 
     pair_losses = -F.logsigmoid(margins)  # (B, K, K)
     per_prompt = masked_mean(pair_losses, pair_mask, dim=(1, 2))  # (B,) mean over each prompt's pairs

@@ -62,6 +62,7 @@ from minirlhf import labeler
 from minirlhf.kernels import gae
 from minirlhf.losses import kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from minirlhf.model import GPT, ValueModel
+from minirlhf.reward import MISSING_EOS_PENALTY, task_reward
 from minirlhf.runtime import Runtime
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import check_finite, lm_loss, response_logprobs, sample_responses, unwrap
@@ -187,15 +188,17 @@ class Rollout:
 
 @torch.no_grad()
 def score_rollout(generation, prompts: list[str], texts: list[str], *, reward: str, reward_scorer=None,
-                  gold_normaliser: tuple[float, float] = (0.0, 1.0), missing_eos_penalty: float = -1.0):
+                  gold_normaliser: tuple[float, float] = (0.0, 1.0),
+                  missing_eos_penalty: float = MISSING_EOS_PENALTY):
     """The scores PPO maximises, and what the logs show beside them.
 
-    reward="rm":   score = the reward model's normalised score (`RewardScorer`), read on the
-                   sampled tokens themselves (no decode/re-encode round trip), at the EOS.
+    reward="rm":   score = the reward model's normalised score (`RewardScorer.score`) of the
+                   response's text - the same token sequence the RM was trained and normalised
+                   on, and the text the gold labeler reads (reward.py: "One token sequence").
     reward="gold": score = (gold total - mean) / std with `gold_normaliser = (mean, std)` of the SFT
                    policy's gold scores, so the gold reward has the RM's scale (SFT: mean 0, std 1)
                    and the same KL coefficient means the same trade-off.
-    Either way a response without EOS gets `missing_eos_penalty` instead (docs/design.md convention).
+    Either way a response without EOS gets `missing_eos_penalty` instead (`reward.task_reward`).
 
     Returns (scores, gold, rm): (B,) tensors on the CPU: the scores to train on, the raw gold
     totals (0..labeler.MAX_SCORE), and the RM's normalised scores before the penalty (None without
@@ -205,8 +208,7 @@ def score_rollout(generation, prompts: list[str], texts: list[str], *, reward: s
     gold = torch.tensor([labeler.score(p, t, bool(e)).total for p, t, e in zip(prompts, texts, ended)])
     rm = None
     if reward_scorer is not None:
-        sequences, attention_mask = generation.sequences()
-        rm = reward_scorer.score_tokens(sequences, attention_mask).cpu()
+        rm = reward_scorer.score(prompts, texts, ended.tolist()).cpu()
     if reward == "rm":
         if rm is None:
             raise ValueError("reward='rm' needs a reward_scorer")
@@ -216,8 +218,7 @@ def score_rollout(generation, prompts: list[str], texts: list[str], *, reward: s
         raw = (gold - mean) / std
     else:
         raise ValueError(f"reward must be 'rm' or 'gold', got {reward!r}")
-    scores = torch.where(ended, raw, torch.full_like(raw, missing_eos_penalty))
-    return scores, gold, rm
+    return task_reward(raw, ended, missing_eos_penalty), gold, rm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,9 +601,10 @@ def evaluate_policy(policy: GPT, ref_policy: GPT, tokenizer: Tokenizer, prompts:
         logprobs = response_logprobs(policy, sequences, attention_mask, P, temperature)
         ref_logprobs = response_logprobs(ref_policy, sequences, attention_mask, P, temperature)
         kl = ((logprobs - ref_logprobs) * mask).sum(dim=1).tolist()
-        rm = reward_scorer.score_tokens(sequences, attention_mask).tolist() if reward_scorer is not None else None
+        ended = generation.ended.tolist()
+        rm = reward_scorer.score(chunk, texts, ended).tolist() if reward_scorer is not None else None
         lengths = mask.sum(dim=1).tolist()
-        for row, (index, prompt, text, end) in enumerate(zip(indices, chunk, texts, generation.ended.tolist())):
+        for row, (index, prompt, text, end) in enumerate(zip(indices, chunk, texts, ended)):
             score = labeler.score(prompt, text, end)
             results.append({"index": index, "prompt": prompt, "text": text, "gold": score.total,
                             "parts": score.parts, "kl": kl[row], "rm": None if rm is None else rm[row],

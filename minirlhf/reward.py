@@ -26,10 +26,21 @@ noiseless gold labeler (pairwise accuracy per prompt family, rank correlation, t
 Using it. The RM's raw outputs have an arbitrary offset and scale (the ranking loss only sees
 differences), so after training `train_rm.py` stores a bias and a gain (`fit_normalisation`) that
 make the SFT policy's samples score mean 0, std 1 (InstructGPT normalises its RM the same way
-before RL; so does TRL). Every user of the RM - PPO, best-of-n, evaluation - goes through
+before RL; so does TRL). Every user of the RM - PPO, GRPO, best-of-n, evaluation - goes through
 `RewardScorer` (`load_reward_model`), which applies them:
 
     score = (raw - bias) * gain
+
+One token sequence. The RM always reads the response as TEXT rendered by `render_chat` - the
+canonical token split of what the gold labeler reads - in training, in the normalisation and when
+scoring a rollout. A sampler can emit a non-canonical split of the same text (BPE allows many);
+scored on its raw ids, a policy could find splits the RM never saw and the labeler cannot see.
+
+What RL maximises (`task_reward`): the normalised score of a response that ended with EOS, and
+`MISSING_EOS_PENALTY` (-1: one SFT standard deviation below the SFT mean) for one that ran out of
+tokens, whatever the RM thinks of it. So the normalisation is fitted on the SFT samples that ended
+(the ones whose RM score RL uses), and best-of-n and the KL-regularised optimum rank responses by
+the same `RewardScorer.reward` that PPO and GRPO train on.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from minirlhf.model import GPTConfig, RewardModel
 from minirlhf.tokenizer import Tokenizer, render_chat
 
 RM_OBJECTIVES = ("ranking", "classifier")
+MISSING_EOS_PENALTY = -1.0   # the reward of a response without EOS, on the normalised scale (see above)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,18 +100,22 @@ def score_rows(model: RewardModel, rows: list[list[int]], pad_id: int, rows_per_
 
 
 def comparison_loss(model: RewardModel, batch: list[list[list[int]]], objective: str,
-                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    pad_id: int, tiers: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of a batch of B comparisons, and their rewards.
 
     batch[b] is comparison b's responses as token lists, best first (`encode_ranked`); prompts may
-    have different numbers of responses K_b >= 2. Every response is scored, and the rewards are
-    placed in a (B, K_max) best-first grid with a valid mask; then
+    have different numbers of responses K_b >= 2. tiers[b] (`RankedComparison.tiers`, best first;
+    None: strict rankings) marks ties: equal tiers are responses the labeler preferred neither of.
+    Every response is scored, and the rewards are placed in a (B, K_max) best-first grid with a
+    valid mask; then
 
-        ranking:     ranking_reward_loss(grid, valid): the mean over each prompt's C(K, 2) pairs,
-                     then over prompts;
+        ranking:     ranking_reward_loss(grid, valid, tiers): the mean over each prompt's C(K, 2)
+                     pairs less its ties, then over prompts;
         classifier:  classifier_reward_loss on the best response of each prompt (label 1) and the
                      worst (label 0); the middle ones get no label (they are scored all the same,
-                     so that both objectives report accuracy on the same pairs).
+                     so that both objectives report accuracy on the same pairs). The best and the
+                     worst are in different tiers, because a comparison whose responses are all
+                     tied is an error here (`labeling.drop_all_tied` leaves those out first).
 
     Returns (loss, rewards): a 0-d loss to minimise and the detached grid, NaN where a prompt has
     fewer than K_max responses. `model` may be DDP-wrapped (`Runtime.wrap`) for training.
@@ -108,6 +124,11 @@ def comparison_loss(model: RewardModel, batch: list[list[list[int]]], objective:
         raise ValueError(f"objective must be one of {RM_OBJECTIVES}, got {objective!r}")
     B, k_max = len(batch), max(len(responses) for responses in batch)
     device = next(model.parameters()).device
+    tiers = tiers or [list(range(len(responses))) for responses in batch]
+    if any(row[0] == row[-1] for row in tiers):
+        raise ValueError("a comparison whose responses are all tied prefers nothing: leave it out "
+                         "(labeling.drop_all_tied)")
+    tier_grid = torch.tensor([row + [row[-1]] * (k_max - len(row)) for row in tiers], device=device)  # (B, K_max)
     rows = [tokens for responses in batch for tokens in responses]                          # N = sum of K_b
     slots = torch.tensor([b * k_max + i for b, responses in enumerate(batch) for i in range(len(responses))],
                          device=device)                                                     # (N,) flat grid index
@@ -115,7 +136,7 @@ def comparison_loss(model: RewardModel, batch: list[list[list[int]]], objective:
     rewards = torch.zeros(B * k_max, device=device).index_put((slots,), scores).view(B, k_max)
     valid = torch.zeros(B * k_max, dtype=torch.bool, device=device).index_fill(0, slots, True).view(B, k_max)
     if objective == "ranking":
-        loss = ranking_reward_loss(rewards, valid)
+        loss = ranking_reward_loss(rewards, valid, tier_grid)
     else:
         worst = rewards.gather(1, (valid.sum(dim=1) - 1)[:, None]).squeeze(1)   # (B,) last valid = worst
         margins = torch.cat([rewards[:, 0], worst])                             # (2B,) logit margins
@@ -147,28 +168,34 @@ def batch_share(runtime, batch: list) -> tuple[list, float]:
     return share, len(share) * runtime.world_size / len(batch)
 
 
-def pairwise_counts(rewards_best_first: torch.Tensor) -> tuple[float, float]:
+def pairwise_counts(rewards_best_first: torch.Tensor, tiers: list[list[int]] | None = None) -> tuple[float, float]:
     """(correct, pairs): over all rows of a (B, K) best-first grid, the pairs i < j (i ranked above
-    j by the labeler) with r_i > r_j - a tie counts half - and the number of pairs. NaN entries
-    (missing responses) are skipped. Counts, not a ratio, so that data-parallel ranks can add
-    theirs up and divide once (`pairwise_accuracy` is correct / pairs).
+    j by the labeler) with r_i > r_j - an RM tie counts half - and the number of pairs. NaN entries
+    (missing responses) are skipped, and so are the labeler's ties (tiers[b][i] == tiers[b][j];
+    None: strict rankings): a tie has no right order. Counts, not a ratio, so that data-parallel
+    ranks can add theirs up and divide once (`pairwise_accuracy` is correct / pairs).
     """
     correct = total = 0.0
-    for row in rewards_best_first.tolist():
-        row = [r for r in row if not math.isnan(r)]
-        for better, worse in combinations(row, 2):
+    for b, row in enumerate(rewards_best_first.tolist()):
+        row_tiers = tiers[b] if tiers is not None else list(range(len(row)))
+        scored = [(r, t) for r, t in zip(row, row_tiers) if not math.isnan(r)]
+        for (better, better_tier), (worse, worse_tier) in combinations(scored, 2):
+            if better_tier == worse_tier:
+                continue
             correct += 1.0 if better > worse else 0.5 if better == worse else 0.0
             total += 1
     return correct, total
 
 
-def pairwise_accuracy(rewards_best_first: torch.Tensor) -> float:
+def pairwise_accuracy(rewards_best_first: torch.Tensor, tiers: list[list[int]] | None = None) -> float:
     """The share of pairs i < j (i ranked above j by the labeler) with r_i > r_j, over all rows
-    of a (B, K) best-first grid; a tie counts half, NaN entries (missing responses) are skipped.
+    of a (B, K) best-first grid; an RM tie counts half, NaN entries (missing responses) and the
+    labeler's ties are skipped (see `pairwise_counts`).
 
         pairwise_accuracy(torch.tensor([[3.0, 1.0, 2.0]])) -> 2/3   (3>1 yes, 3>2 yes, 1>2 no)
+        pairwise_accuracy(torch.tensor([[3.0, 1.0, 2.0]]), tiers=[[0, 1, 1]]) -> 1   (1 vs 2: tied)
     """
-    correct, total = pairwise_counts(rewards_best_first)
+    correct, total = pairwise_counts(rewards_best_first, tiers)
     return correct / total if total else math.nan
 
 
@@ -274,8 +301,18 @@ def gold_agreement(comparisons: list[Comparison], rm_scores: list[list[float]]) 
 # ----------------------------------------------------------------------------------------------
 # Using a trained reward model
 
+def task_reward(scores: torch.Tensor, ended, missing_eos_penalty: float = MISSING_EOS_PENALTY) -> torch.Tensor:
+    """What RL maximises: `scores` (N,) where the response ended with EOS, the penalty where it did not.
+
+        task_reward(torch.tensor([0.5, 2.0]), [True, False])  ->  tensor([0.5, -1.0])
+    """
+    ended = torch.as_tensor(ended, dtype=torch.bool, device=scores.device)
+    return torch.where(ended, scores, torch.full_like(scores, missing_eos_penalty))
+
+
 class RewardScorer:
-    """A frozen reward model with its normalisation."""
+    """A frozen reward model with its normalisation. `score` is the RM's opinion of a response;
+    `reward` is what RL maximises (`task_reward`: the penalty for a response without EOS)."""
 
     def __init__(self, model: RewardModel, tokenizer: Tokenizer, bias: float = 0.0, gain: float = 1.0):
         self.model = model.eval()
@@ -296,8 +333,9 @@ class RewardScorer:
 
     def score(self, prompts: list[str], responses: list[str], ended: list[bool] | None = None,
               batch_size: int = 64) -> torch.Tensor:
-        """Normalised scores (N,) of text pairs. A response that did not end (no EOS within the
-        budget) is rendered without the EOS, exactly as the policy produced it."""
+        """Normalised scores (N,) of text pairs, each rendered by `render_chat` (the one token
+        sequence the RM reads, see the module docstring). A response that did not end (no EOS within
+        the budget) is rendered without the EOS, as the policy left it."""
         ended = ended if ended is not None else [True] * len(prompts)
         scores = []
         for start in range(0, len(prompts), batch_size):
@@ -308,6 +346,12 @@ class RewardScorer:
                                       length=min(max(map(len, rows)), self.model.trunk.config.block_size))
             scores.append(self.score_tokens(ids, mask).cpu())
         return torch.cat(scores)
+
+    def reward(self, prompts: list[str], responses: list[str], ended: list[bool] | None = None,
+               missing_eos_penalty: float = MISSING_EOS_PENALTY) -> torch.Tensor:
+        """What RL maximises (N,): `score`, or the penalty for a response without EOS (`task_reward`)."""
+        ended = ended if ended is not None else [True] * len(prompts)
+        return task_reward(self.score(prompts, responses, ended), ended, missing_eos_penalty)
 
 
 def load_reward_model(path: str, tokenizer: Tokenizer, runtime=None) -> RewardScorer:

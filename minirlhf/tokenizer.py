@@ -416,6 +416,8 @@ class Tokenizer:
             mergeable_ranks=mergeable_ranks,
             special_tokens=special_tokens,
             explicit_n_vocab=n + len(special_tokens),  # tiktoken checks the ids are 0..V-1
+        # a response is text and (at its end) EOS: the sampler never draws these
+        self.never_sampled_ids = (self.pad_id, self.user_id, self.assistant_id)
         )
         self.vocab_size = self.encoding.n_vocab
         self.eos_id = special_tokens[EOS_TOKEN]

@@ -61,13 +61,17 @@ def sample_responses(model, tokenizer: Tokenizer, prompts: list[str], *, max_new
                      generator: torch.Generator | None = None, batch_size: int = 64):
     """Sample one response per prompt. Returns (texts, ended, generations): decoded responses
     (EOS excluded), whether each stopped with EOS within `max_new_tokens`, and the raw
-    `Generation` of each batch (token ids, masks, logprobs)."""
+    `Generation` of each batch (token ids, masks, logprobs).
+
+    PAD and the role markers are never sampled (`Tokenizer.never_sampled_ids`): `decode` would drop
+    them from the text while the token ids kept them, and what the gold labeler reads (the text)
+    and what the policy produced (the ids) must be the same response."""
     texts, ended, generations = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         out = generate(model, [render_chat(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens,
                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature,
-                       top_k=top_k, top_p=top_p, generator=generator)
+                       top_k=top_k, top_p=top_p, generator=generator, suppress_ids=tokenizer.never_sampled_ids)
         texts += [tokenizer.decode(ids) for ids in out.response_lists()]
         ended += out.ended.tolist()
         generations.append(out)

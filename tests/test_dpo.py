@@ -363,3 +363,16 @@ def test_train_dpo_torchrun_two_processes_write_once_and_train_as_one(dpo_world,
         for key in keys:
             assert abs(one_record[key] - two_record[key]) < 1e-5, (key, one_record[key], two_record[key])
     assert len(read_ranked_comparisons(os.path.join(dpo_world["out"], "rm_comparisons.jsonl"))) == 12
+
+
+def test_encode_pairs_leaves_out_tied_pairs(dpo_world, capsys):
+    import train_dpo
+    from minirlhf.labeling import RankedComparison
+
+    tokenizer = dpo_world["tokenizer"]
+    tied = RankedComparison("what does a cow eat?", ["grass.", "hay.", "no."], [1, 0, 2], tiers=[0, 0, 1])
+    strict = RankedComparison("what does a cow eat?", ["grass.", "hay.", "no."], [1, 0, 2])
+    rows, pairs = train_dpo.encode_pairs(tokenizer, [tied, strict], 128, "test")
+    # tied: hay = grass (no pair), both beat "no."; strict: hay > grass > no. (3 pairs); rows 0-2, then 3-5
+    assert pairs == [(1, 2), (0, 2), (4, 3), (4, 5), (3, 5)], pairs
+    assert "1 tied pairs skipped" in capsys.readouterr().out

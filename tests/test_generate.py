@@ -227,3 +227,25 @@ def test_invalid_arguments():
     gen = generate(model, [[1] * 29], max_new_tokens=3, eos_id=EOS, pad_id=PAD, temperature=0.0)
     assert gen.response_ids.shape[1] <= 3
     assert math.isfinite(gen.logprobs.sum().item())
+
+
+def test_suppressed_ids_are_never_sampled_and_logprobs_stay_those_of_the_full_distribution():
+    # a model that loves the ids 3 and 17: without suppression it samples them often
+    model = make_model(seed=3)
+    with torch.no_grad():
+        model.lm_head.weight[3] += 5.0 * model.lm_head.weight.norm(dim=1).mean()
+    prompts = [[5, 3, 8], [7, 7, 2], [11], [4, 20, 13, 2]] * 8
+    loose = generate(model, prompts, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=1.0,
+                     generator=torch.Generator().manual_seed(0))
+    assert (loose.response_ids[loose.response_mask.bool()] == 3).any(), "the test model should sample id 3 unsuppressed"
+    for temperature in (1.0, 0.0):
+        out = generate(model, prompts, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=temperature,
+                       generator=torch.Generator().manual_seed(0), suppress_ids=(3, 17, PAD))
+        real = out.response_ids[out.response_mask.bool()]
+        assert not torch.isin(real, torch.tensor([3, 17, PAD])).any(), f"a suppressed id was sampled (T={temperature})"
+        # logprobs: of the FULL distribution (a filter, like top-k), as a fresh forward pass recomputes them
+        ids, mask = out.sequences()
+        T = temperature or 1.0
+        logits = model(ids, attention_mask=mask).logits[:, out.prompt_ids.shape[1] - 1:-1] / T
+        expected = F.log_softmax(logits, dim=-1).gather(2, out.response_ids[..., None]).squeeze(2)
+        torch.testing.assert_close(out.logprobs, expected * out.response_mask, atol=1e-5, rtol=1e-5)

@@ -405,12 +405,13 @@ def test_pairwise_reward_loss_gradient():
     assert torch.autograd.gradcheck(pairwise_reward_loss, inputs)
 
 
-def py_ranking_loss(rewards, valid=None):
-    """Plain reference: per prompt, mean over its valid pairs (i < j, best first); mean over prompts."""
+def py_ranking_loss(rewards, valid=None, tiers=None):
+    """Plain reference: per prompt, mean over its valid pairs (i < j, best first, not tied); mean over prompts."""
     per_prompt = []
     for b, row in enumerate(rewards):
         keep = [k for k in range(len(row)) if valid is None or valid[b][k]]
-        pairs = list(itertools.combinations(keep, 2))  # (i, j) with i < j: i is ranked better
+        pairs = [(i, j) for i, j in itertools.combinations(keep, 2)  # (i, j) with i < j: i is ranked better
+                 if tiers is None or tiers[b][i] < tiers[b][j]]
         if pairs:
             per_prompt.append(sum(-py_log_sigmoid(row[i] - row[j]) for i, j in pairs) / len(pairs))
     return sum(per_prompt) / len(per_prompt)
@@ -452,6 +453,34 @@ def test_ranking_reward_loss_matches_python_loop():
     assert_close(
         ranking_reward_loss(rewards), py_ranking_loss(rewards.tolist()), "ranking_reward_loss vs loop"
     )
+
+
+def test_ranking_reward_loss_leaves_out_tied_pairs():
+    # K = 3, best first, rewards [ln 3, 0, ln 3], responses 0 and 1 TIED (tiers [0, 0, 1]):
+    # pairs (0, 2): margin 0 -> ln 2; (1, 2): margin -ln 3 -> ln 4; the tie (0, 1) is no comparison
+    # mean over the 2 pairs = (ln 2 + ln 4) / 2 = 1.5 ln 2   (the strict ranking's 3 pairs: ln(32/3) / 3)
+    got = ranking_reward_loss(t64([[LN3, 0.0, LN3]]), tiers=torch.tensor([[0, 0, 1]]))
+    assert_not_the_mistake(got.item(), math.log(32 / 3) / 3, "a tied pair was trained as a preference")
+    assert_close(got, 1.5 * LN2, "ranking_reward_loss with a tie")
+    # a prompt whose responses are all tied has no comparison: it leaves the mean over prompts
+    rewards = t64([[LN3, 0.0, LN3], [5.0, -5.0, 0.0]])
+    got = ranking_reward_loss(rewards, tiers=torch.tensor([[0, 0, 1], [0, 0, 0]]))
+    assert_close(got, 1.5 * LN2, "an all-tied prompt must not count")
+
+
+def test_ranking_reward_loss_with_ties_and_missing_matches_python_loop():
+    generator = torch.Generator().manual_seed(10)
+    rewards = 2.0 * torch.randn(5, 4, generator=generator, dtype=F64)
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    tiers = torch.tensor([[0, 1, 1, 2], [0, 0, 1, 9], [0, 1, 9, 9], [0, 1, 2, 3], [0, 0, 0, 1]])
+    got = ranking_reward_loss(rewards, valid, tiers)
+    assert_close(got, py_ranking_loss(rewards.tolist(), valid.tolist(), tiers.tolist()),
+                 "ranking_reward_loss with ties and missing responses vs loop")
+    # gradients: a tied pair pushes neither member
+    row = t64([[0.0, 0.0, 0.0]]).requires_grad_()
+    ranking_reward_loss(row, tiers=torch.tensor([[0, 1, 1]])).backward()
+    # pairs (0,1), (0,2), margin 0 each: d/dr0 = 2 * -(1/2) / 2 = -1/2, d/dr1 = d/dr2 = +1/4
+    assert_close(row.grad, [[-0.5, 0.25, 0.25]], "gradient with a tie: only the preferences push")
 
 
 def test_ranking_reward_loss_prompts_count_equally():

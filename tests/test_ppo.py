@@ -366,7 +366,7 @@ class FixedScorer:
     def __init__(self, scores):
         self.scores = torch.tensor(scores)
 
-    def score_tokens(self, ids, attention_mask):
+    def score(self, prompts, responses, ended):
         return self.scores
 
 

@@ -32,9 +32,11 @@ from minirlhf.cli import run_main
 from minirlhf.cli import UserError
 from minirlhf.data import write_jsonl
 from minirlhf.model import GPT, GPTConfig, RewardModel
-from minirlhf.reward import (comparison_loss, encode_ranked, fit_normalisation, gold_agreement,
-                             load_reward_model, pairwise_accuracy)
+from minirlhf.ppo import score_rollout
+from minirlhf.reward import (MISSING_EOS_PENALTY, RewardScorer, task_reward, comparison_loss, encode_ranked, fit_normalisation, gold_agreement, score_rows,
+                             load_reward_model, pairwise_accuracy, pairwise_counts)
 from minirlhf.tokenizer import Tokenizer, save_ranks, train_bpe
+from minirlhf.training import sample_responses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -507,12 +509,22 @@ def test_smoke_run_writes_a_normalised_rm_and_its_outputs(stage, tmp_path):
     for key in ("accuracy/val", "gold/accuracy", "gold/spearman", "gold/top_choice", "labeler/agreement"):
         assert key in ckpt["metrics"], f"metric {key} missing from rm.pt"
 
-    # normalisation: the SFT samples it was fitted on (the comparisons' "policy" responses) score mean 0, std 1
+    # ties: the noiseless gold labeler puts equal totals in one tier; all-tied comparisons are dropped
     scorer = load_reward_model(str(out_dir / "rm.pt"), stage["tokenizer"])
     comparisons = labeling.read_ranked_comparisons(str(out_dir / "rm_comparisons.jsonl"))
     assert len(comparisons) == 24 and all(c.sources[:4] == ["policy"] * 4 for c in comparisons)
     assert any(len(c.responses) == 5 for c in comparisons), "no degenerate response was added"
+    for c in comparisons:
+        totals = [labeler.score(c.prompt, c.responses[i], c.ended[i]).total for i in c.ranking]
+        assert c.tiers == labeling.tiers_of(totals), f"tiers {c.tiers} do not follow the gold totals {totals}"
+    dropped = sum(not c.preferences() for c in comparisons)
+    assert f"ties: {dropped} comparisons whose responses are all tied are dropped" in child.stdout
+    # normalisation: the SFT samples it was fitted on (the comparisons' "policy" responses that ended,
+    # the ones whose RM score RL uses) score mean 0, std 1
     samples = [(c.prompt, r, e) for c in comparisons for r, e, s in zip(c.responses, c.ended, c.sources) if s == "policy"]
+    samples = [sample for sample in samples if sample[2]]
+    if len(samples) < 2:
+        pytest.skip("too few smoke samples ended to check the normalisation")
     scores = scorer.score(*(list(column) for column in zip(*samples)))
     assert abs(scores.mean().item()) < 1e-4 and abs(scores.std().item() - 1) < 1e-4, \
         f"normalised SFT samples: mean {scores.mean().item():.5f}, std {scores.std().item():.5f}"
@@ -575,3 +587,85 @@ def test_bad_input_gives_one_clear_line_and_exit_2(stage, tmp_path, monkeypatch,
     # human labels and a comparisons file are two different sources
     code, _, err = run_script(monkeypatch, capsys, base + ["--labeler", "human", "--comparisons", str(bad)])
     assert code == 2 and "cannot be combined" in err, err
+
+
+def test_sampled_responses_never_hold_pad_or_role_markers(stage):
+    tokenizer = stage["tokenizer"]
+    torch.manual_seed(1)
+    policy = GPT(stage["config"]).eval()
+    with torch.no_grad():   # a policy that would rather write PAD and role markers than text
+        for token_id in tokenizer.never_sampled_ids:
+            policy.lm_head.weight[token_id] += 3.0 * policy.lm_head.weight.norm(dim=1).mean()
+    texts, ended, generations = sample_responses(policy, tokenizer, stage["prompts"], max_new_tokens=10,
+                                                 generator=torch.Generator().manual_seed(0))
+    for generation in generations:
+        real = generation.response_ids[generation.response_mask.bool()]
+        assert real.numel() and not torch.isin(real, torch.tensor(tokenizer.never_sampled_ids)).any(), \
+            "PAD or a role marker was sampled inside a response"
+
+
+def test_the_rm_scores_a_rollout_as_it_scores_the_same_response_stored_for_training(stage):
+    """PPO's score of a sampled response == the RM's score of that response as train_rm stores and
+    encodes it (a comparisons record: text + ended), whatever token split the sampler drew."""
+    tokenizer = stage["tokenizer"]
+    torch.manual_seed(2)
+    policy = GPT(stage["config"]).eval()
+    scorer = RewardScorer(random_rm(tokenizer, seed=3), tokenizer, bias=0.3, gain=1.7)
+    prompts = stage["prompts"][:8]
+    texts, ended, (generation,) = sample_responses(policy, tokenizer, prompts, max_new_tokens=12,
+                                                   generator=torch.Generator().manual_seed(0))
+    _, _, rm = score_rollout(generation, prompts, texts, reward="rm", reward_scorer=scorer)
+    records = [labeling.RankedComparison(p, [t, "x"], [0, 1], [e, True]).to_json() for p, t, e in zip(prompts, texts, ended)]
+    path = os.path.join(stage["out"], "stored.jsonl")
+    write_jsonl(path, records)
+    stored = labeling.read_ranked_comparisons(path)
+    rows = [encode_ranked(tokenizer, c, stage["config"].block_size)[0] for c in stored]
+    with torch.no_grad():
+        training_view = (score_rows(scorer.model, rows, tokenizer.pad_id) - 0.3) * 1.7
+    torch.testing.assert_close(rm, training_view, atol=1e-5, rtol=1e-5)
+
+
+def test_gold_ties_are_tiers_not_preferences_and_survive_a_file(tmp_path):
+    prompt = world.all_tasks()[0].prompt
+    good = world.good_response(world.all_tasks()[0], random.Random(0))
+    candidates = [labeling.Candidates(prompt, ["", good, "", "zzz"], [True, True, True, True])]
+    (comparison,) = labeling.rank_with_gold(candidates, noise=0.0)
+    totals = [labeler.score(prompt, comparison.responses[i]).total for i in comparison.ranking]
+    assert totals == sorted(totals, reverse=True)
+    assert comparison.tiers == labeling.tiers_of(totals) and len(set(comparison.tiers)) < 4, \
+        f"the two empty responses have equal totals {totals}: they must share a tier, got {comparison.tiers}"
+    tied = {(a, b) for a, b in combinations(range(4), 2) if labeler.score(prompt, comparison.responses[a]).total
+            == labeler.score(prompt, comparison.responses[b]).total}
+    assert not tied & {tuple(sorted(p)) for p in comparison.preferences()}, "a tied pair became a preference"
+    assert len(comparison.preferences()) == 6 - len(tied)
+    path = tmp_path / "c.jsonl"
+    labeling.write_comparisons(str(path), [comparison])
+    assert json.loads(path.read_text())["tiers"] == comparison.tiers
+    assert labeling.read_ranked_comparisons(str(path))[0].tiers == comparison.tiers
+    path.write_text(json.dumps({**comparison.to_json(), "tiers": [1, 0, 2, 3]}) + "\n")
+    with pytest.raises(UserError, match="c.jsonl:1: 'tiers' must be a list of 4 non-decreasing"):
+        labeling.read_ranked_comparisons(str(path))
+    # a noisy labeler is forced to choose: a strict ranking
+    (noisy,) = labeling.rank_with_gold(candidates, noise=1.0, rng=random.Random(0))
+    assert noisy.tiers == [0, 1, 2, 3]
+    assert labeling.drop_all_tied([labeling.RankedComparison(prompt, ["a", "b"], [0, 1], tiers=[0, 0]), noisy]) == [noisy]
+
+
+def test_pairwise_accuracy_skips_the_labelers_ties_and_the_loss_refuses_all_tied(stage):
+    grid = torch.tensor([[3.0, 1.0, 2.0], [0.0, 1.0, math.nan]])
+    # row 0 tiers [0, 1, 1]: pairs (0,1) yes, (0,2) yes, (1,2) tied -> skipped; row 1: (0,1) no
+    assert pairwise_counts(grid, [[0, 1, 1], [0, 1]]) == (2.0, 3.0)
+    assert pairwise_counts(grid) == (2.0, 4.0), "strict rankings: every pair counts"
+    tokenizer = stage["tokenizer"]
+    batch = [encode_ranked(tokenizer, labeling.RankedComparison("hi", ["a", "b"], [0, 1]), 96)]
+    with pytest.raises(ValueError, match="all tied"):
+        comparison_loss(random_rm(tokenizer), batch, "ranking", tokenizer.pad_id, tiers=[[0, 0]])
+
+
+def test_task_reward_and_scorer_reward_use_the_penalty_without_eos(stage):
+    assert task_reward(torch.tensor([0.5, 2.0, -3.0]), [True, False, True]).tolist() == [0.5, -1.0, -3.0]
+    assert task_reward(torch.tensor([0.5, 2.0]), [False, True], missing_eos_penalty=-2.5).tolist() == [-2.5, 2.0]
+    scorer = RewardScorer(random_rm(stage["tokenizer"]), stage["tokenizer"], bias=0.1, gain=2.0)
+    prompts, responses, ended = stage["prompts"][:3], ["a cow.", "grass", "2"], [True, False, True]
+    score = scorer.score(prompts, responses, ended)
+    assert scorer.reward(prompts, responses, ended).tolist() == [score[0].item(), MISSING_EOS_PENALTY, score[2].item()]

@@ -80,7 +80,9 @@ def test_torchrun_smoke_run_samples_its_comparisons_and_writes_each_output_once(
     comparisons = read_ranked_comparisons(str(out_dir / "rm_comparisons.jsonl"))
     assert len(comparisons) == 24
     ckpt = load_checkpoint(out_dir / "rm.pt", kind="rm")
-    assert ckpt["metrics"]["comparisons/train"] + ckpt["metrics"]["comparisons/val"] == 24
+    # trained on: those that prefer something (a comparison whose responses are all tied is dropped)
+    kept = sum(bool(c.preferences()) for c in comparisons)
+    assert 0 < kept and ckpt["metrics"]["comparisons/train"] + ckpt["metrics"]["comparisons/val"] == kept
     # one metrics line per step (and step 0's held-out line), not one per rank
     steps = [record["step"] for record in read_metrics(str(out_dir / "rm_metrics.jsonl"))]
     assert steps == list(range(ckpt["step"] + 1)), steps

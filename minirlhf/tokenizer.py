@@ -416,14 +416,14 @@ class Tokenizer:
             mergeable_ranks=mergeable_ranks,
             special_tokens=special_tokens,
             explicit_n_vocab=n + len(special_tokens),  # tiktoken checks the ids are 0..V-1
-        # a response is text and (at its end) EOS: the sampler never draws these
-        self.never_sampled_ids = (self.pad_id, self.user_id, self.assistant_id)
         )
         self.vocab_size = self.encoding.n_vocab
         self.eos_id = special_tokens[EOS_TOKEN]
         self.pad_id = special_tokens[PAD_TOKEN]
         self.user_id = special_tokens[USER_TOKEN]
         self.assistant_id = special_tokens[ASSISTANT_TOKEN]
+        # a response is text and (at its end) EOS: the sampler never draws these
+        self.never_sampled_ids = (self.pad_id, self.user_id, self.assistant_id)
         # Built from ranks in memory: hash the bytes save_ranks would write, so the identity is the
         # same as after a save + from_file round trip.
         self.sha256 = sha256 or hashlib.sha256(_rank_file_bytes(mergeable_ranks)).hexdigest()

@@ -128,3 +128,85 @@ def gao_curve(fit: dict, d, form: str) -> np.ndarray:
 def sqrt_kl(kl) -> np.ndarray:
     """d = sqrt(KL); a sampled KL estimate can be slightly negative near 0, read as 0."""
     return np.sqrt(np.clip(np.asarray(kl, dtype=np.float64), 0.0, None))
+
+
+# ------------------------------------------------------------------------------------------------
+# Curves over many prompts, where each fitted curve peaks, and trends against model size
+# (experiments/rm_scale.py: one policy's samples judged by reward models of several sizes)
+
+
+def best_of_n_curve(rank_scores, values, ns) -> list[float]:
+    """Best-of-n for each n in `ns`, averaged over prompts: rank_scores and values are (N, K), N
+    samples of each of K prompts; for each prompt `best_of_n_expected(rank_scores[:, i], values[:, i], n)`.
+
+    values = rank_scores gives the proxy curve (the RM score of the RM's pick), values = gold the
+    gold curve; ranking by gold itself gives the ceiling a perfect reward model would reach.
+    """
+    rank_scores = np.asarray(rank_scores, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    if rank_scores.shape != values.shape or rank_scores.ndim != 2:
+        raise ValueError(f"best_of_n_curve needs two (N, K) arrays of one shape, got {rank_scores.shape} "
+                         f"and {values.shape}")
+    K = rank_scores.shape[1]
+    return [float(np.mean([best_of_n_expected(rank_scores[:, i], values[:, i], n) for i in range(K)])) for n in ns]
+
+
+def kl_regularised_optimum_curve(scores, values, betas) -> dict:
+    """`kl_regularised_optimum` at each beta, averaged over prompts: scores and values (N, K), N
+    samples of each of K prompts. Returns {"beta", "gold", "kl", "win_rate"}, one list entry per beta
+    (large beta: near SFT; small beta: near the samples' best by `scores`)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    K = scores.shape[1]
+    points = np.array([[kl_regularised_optimum(scores[:, i], values[:, i], beta) for i in range(K)]
+                       for beta in betas]).mean(axis=1)                                 # (betas, 3)
+    return {"beta": [float(b) for b in betas], "gold": points[:, 0].tolist(), "kl": points[:, 1].tolist(),
+            "win_rate": points[:, 2].tolist()}
+
+
+def gao_peak(fit: dict | None, form: str) -> dict | None:
+    """Where a fitted Gao curve (`fit_gao`) peaks, in closed form; None without a fit or a peak (beta <= 0).
+
+        best-of-n  R(d) = d (alpha - beta d):      R'(d) = alpha - 2 beta d = 0
+                   ->  d* = alpha / (2 beta),      R* = alpha^2 / (4 beta)
+        RL         R(d) = d (alpha - beta log d):  R'(d) = alpha - beta log d - beta = 0
+                   ->  d* = exp(alpha / beta - 1), R* = d* (alpha - beta log d*) = beta d*
+
+    Returns {"d", "kl" (= d^2), "gain"}: how far from the initial policy the gold score stops
+    rising, and by how much it has risen there. Gao et al. find both grow with the RM's size.
+    """
+    if fit is None or not fit["beta"] > 0:
+        return None
+    alpha, beta = fit["alpha"], fit["beta"]
+    if form == "bon":
+        d = alpha / (2 * beta)
+        gain = alpha * alpha / (4 * beta)
+    elif form == "rl":
+        d = math.exp(alpha / beta - 1)
+        gain = beta * d
+    else:
+        raise ValueError(f"form must be 'bon' or 'rl', got {form!r}")
+    if d <= 0:   # alpha <= 0 in the best-of-n form: the fitted gain never rises
+        return None
+    return {"d": float(d), "kl": float(d * d), "gain": float(gain)}
+
+
+def fit_log_linear(sizes, values) -> dict | None:
+    """Least squares of values = a + b ln(size): the trend Bai et al. 2022 report for reward-model
+    accuracy and Gao et al. 2022 for the fitted alpha and beta, against parameter count.
+
+    Returns {"intercept": a, "slope": b (per e-fold of size), "per_10x": b ln 10 (per tenfold),
+    "r2"}, or None with fewer than 2 distinct sizes. Points whose value is None or NaN are left out.
+    """
+    pairs = [(float(s), float(v)) for s, v in zip(sizes, values) if v is not None and math.isfinite(v)]
+    if len({s for s, _ in pairs}) < 2:
+        return None
+    log_size = np.log([s for s, _ in pairs])
+    y = np.array([v for _, v in pairs])
+    design = np.stack([np.ones_like(log_size), log_size], axis=1)   # (points, 2): [1, ln size]
+    (intercept, slope), *_ = np.linalg.lstsq(design, y, rcond=None)
+    residual = y - design @ np.array([intercept, slope])
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - (residual ** 2).sum() / total if total > 0 else math.nan
+    return {"intercept": float(intercept), "slope": float(slope), "per_10x": float(slope * math.log(10)),
+            "r2": float(r2)}

@@ -1,6 +1,6 @@
 """Step 4: what did RLHF do? Base vs SFT vs PPO (and DPO, GRPO, RLOO), and best-of-n, on held-out prompts.
 
-Reads  out/base.pt, out/sft.pt, out/ppo.pt, out/dpo.pt, out/grpo.pt, out/rloo.pt (those that exist),
+Reads  out/base.pt, out/sft.pt, out/ppo.pt, out/dpo.pt, out/grpo.pt, out/rloo.pt, out/expert.pt (those that exist),
        out/rm.pt (optional),
        out/ppo_metrics.jsonl (optional), data/eval_prompts.jsonl (prompts in no training file)
 Writes out/eval.md   tables, and the same prompts answered side by side by each model
@@ -100,7 +100,7 @@ PRESETS = {
     "small": dict(samples=8, bon_prompts=0),
 }
 DEFAULT_STAGES = ("base", "sft", "ppo")          # a note says when one of these is missing
-METHODS = ("dpo", "grpo", "rloo")                # evaluated when present (train_dpo.py, train_grpo.py)
+METHODS = ("dpo", "grpo", "rloo", "expert")      # evaluated when present (train_dpo.py, train_grpo.py, train_expert.py)
 OPTIMUM_BETAS = (1.0, 0.5, 0.3, 0.2, 0.1)   # KL coefficients of the KL-regularised optimum, in SFT sd units
 
 
@@ -399,7 +399,7 @@ def plot_bon(bon: dict | None, trajectory: dict | None, fits: dict, method_point
             curve = np.linspace(0.0, sqrt_kl(data["kl"]).max() * 1.05, 100)
             gold_ax.plot(curve, fit["baseline"] + gao_curve(fit, curve, form), "--", color=colour,
                          label=f"{what}: α={fit['alpha']:.2f}, β={fit['beta']:.2f}, R²={fit['r2']:.2f}")
-    markers = {"ppo": ("*", "C3"), "dpo": ("D", "C4"), "grpo": ("P", "C5"), "rloo": ("X", "C6")}
+    markers = {"ppo": ("*", "C3"), "dpo": ("D", "C4"), "grpo": ("P", "C5"), "rloo": ("X", "C6"), "expert": ("^", "C8")}
     for point in method_points.values():   # each trained policy, evaluated here on the best-of-n prompts
         marker, colour = markers.get(point["kind"], ("o", "C7"))
         for ax, key in ((gold_ax, "gold"), (rm_ax, "rm")):

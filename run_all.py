@@ -5,7 +5,7 @@
     python run_all.py --preset medium --device cuda          # one GPU, bf16
     python run_all.py --preset smoke --nproc-per-node 2      # each training stage under torchrun (2 processes)
     python run_all.py --from-stage ppo      # keep data, base, SFT and RM; train PPO again, then evaluate
-    python run_all.py --methods ppo,dpo,grpo,rloo   # after the RM, train every method; evaluate them side by side
+    python run_all.py --methods ppo,dpo,grpo,rloo,expert   # after the RM, train every method; evaluate them side by side
 
 Each stage is its own script, run here as a subprocess exactly as you would run it by hand (the
 scripts are the lessons; this file only calls them in order):
@@ -19,6 +19,7 @@ scripts are the lessons; this file only calls them in order):
     dpo    train_dpo.py       OUT_DIR/dpo.pt           (--methods) DPO on the RM's comparisons
     grpo   train_grpo.py      OUT_DIR/grpo.pt          (--methods) critic-free RL, group-normalised advantages
     rloo   train_grpo.py      OUT_DIR/rloo.pt          (--methods) critic-free RL, leave-one-out baseline
+    expert train_expert.py    OUT_DIR/expert.pt        (--methods) expert iteration: best-of-n, distilled
     eval   evaluate.py        OUT_DIR/eval.md, eval.json, eval.png, eval_bon.png
 
 --preset, --data-dir, --out-dir, --device, --dtype and --seed are passed to every stage that takes them.
@@ -72,6 +73,7 @@ STAGES = (
     Stage("grpo", "train_grpo.py", ("grpo.pt",), ("grpo_curves.png",), data_parallel=True, method=True),
     Stage("rloo", "train_grpo.py", ("rloo.pt",), ("rloo_curves.png",), data_parallel=True, method=True,
           extra_flags=("--advantage", "rloo")),
+    Stage("expert", "train_expert.py", ("expert.pt",), ("expert_curves.png",), data_parallel=True, method=True),
     Stage("eval", "evaluate.py", ("eval.json", "eval.md"), ("eval.png", "eval_bon.png")),
 )
 STAGE_NAMES = [stage.name for stage in STAGES]
@@ -82,7 +84,8 @@ HEADLINES = {
     "base": [("loss/val", "held-out loss")],
     "sft": [("loss/val", "held-out loss"), ("gold/sample", "gold")],
     "rm": [("accuracy/val", "held-out pair accuracy"), ("gold/spearman", "Spearman with gold")],
-    "ppo": [("eval/gold", "held-out gold"), ("eval/kl", "KL"), ("eval/gold_gain_sd", "gain in SFT sd")],
+    **{method: [("eval/gold", "held-out gold"), ("eval/kl", "KL"), ("eval/gold_gain_sd", "gain in SFT sd")]
+       for method in ("ppo", "dpo", "grpo", "rloo", "expert")},
 }
 
 

@@ -8,7 +8,7 @@ not the seed's), then reads each run's eval.json and checkpoints and writes
     OUT_ROOT/seeds.json   every seed's numbers and the summary
 
     python experiments/seeds.py                                   # tiny preset, seeds 1,2,3, PPO: ~30 min on 2 cores
-    python experiments/seeds.py --methods ppo,dpo,grpo,rloo       # every method after the RM
+    python experiments/seeds.py --methods ppo,dpo,grpo,rloo,expert   # every method after the RM
     python experiments/seeds.py --jobs 3                          # the seeds at once, a thread each
     python experiments/seeds.py --summarize-only                  # re-read finished runs, write the tables again
     python experiments/seeds.py --preset smoke --out-root /tmp/s  # seconds; for tests
@@ -114,7 +114,7 @@ def cell(stat: dict | None, digits: int = 3) -> str:
 
 
 def markdown(summary: dict, seeds: list[int], cfg) -> str:
-    models = [m for m in ("base", "sft", "ppo", "dpo", "grpo", "rloo") if f"{m}/gold" in summary]
+    models = [m for m in ("base", "sft", "ppo", "dpo", "grpo", "rloo", "expert") if f"{m}/gold" in summary]
     lines = [f"# {len(seeds)} seeds ({', '.join(map(str, seeds))}), preset {cfg.preset}", "",
              "Each cell: mean [min, max] over the seeds. Command: `python experiments/seeds.py --preset "
              f"{cfg.preset} --seeds {cfg.seeds} --methods {cfg.methods}`.", "",

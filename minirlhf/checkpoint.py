@@ -57,13 +57,14 @@ __all__ = [
     "atomic_write",
 ]
 
-CHECKPOINT_KINDS = ("base", "sft", "rm", "ppo", "dpo", "grpo", "rloo")
+CHECKPOINT_KINDS = ("base", "sft", "rm", "ppo", "dpo", "grpo", "rloo", "expert")
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = ("format_version", "kind", "model", "model_config", "tokenizer", "train_config", "step", "metrics")
 
 # which script writes each kind: named in the "not found" message so a student knows what to run
 _WRITTEN_BY = {"base": "train_base.py", "sft": "train_sft.py", "rm": "train_rm.py", "ppo": "train_ppo.py",
-               "dpo": "train_dpo.py", "grpo": "train_grpo.py", "rloo": "train_grpo.py --advantage rloo"}
+               "dpo": "train_dpo.py", "grpo": "train_grpo.py", "rloo": "train_grpo.py --advantage rloo",
+               "expert": "train_expert.py"}
 
 # what torch.load(weights_only=True) rebuilds; anything else is converted or refused at save time
 _PLAIN_SCALARS = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
@@ -334,7 +335,7 @@ def _describe_tokenizer(identity: dict) -> str:
     return f"{name} sha256 {digest[:12]}" if isinstance(digest, str) else f"{name}"
 
 
-POLICY_KINDS = ("base", "sft", "ppo", "dpo", "grpo", "rloo")   # checkpoints whose "model" is a GPT language model
+POLICY_KINDS = ("base", "sft", "ppo", "dpo", "grpo", "rloo", "expert")   # checkpoints whose "model" is a GPT language model
 
 
 def load_policy(path, tokenizer_identity: dict | None = None, runtime=None, kinds=POLICY_KINDS):

@@ -172,7 +172,7 @@ def test_saved_file_has_normal_permissions(tmp_path):
 
 
 def test_kinds_are_the_stages_and_methods():
-    assert CHECKPOINT_KINDS == ("base", "sft", "rm", "ppo", "dpo", "grpo", "rloo")
+    assert CHECKPOINT_KINDS == ("base", "sft", "rm", "ppo", "dpo", "grpo", "rloo", "expert")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,256 @@
+"""Expert iteration (best-of-n distillation): sample n, keep the reward model's favourite, fine-tune on it.
+
+Reads  out/sft.pt (the policy's start, and the reference its KL is measured against), out/rm.pt,
+       data/ppo_prompts.jsonl (the RL prompts), data/eval_prompts.jsonl (held-out judging)
+Writes out/expert.pt, out/expert_metrics.jsonl, out/expert_curves.png
+
+The simplest way to use a reward model, and the baseline many RL runs fail to beat (Anthony et
+al. 2017, "expert iteration"; the "best-of-n then SFT" of Touvron et al. 2023's Llama 2 rejection
+sampling, and of the RAFT and ReST methods). Each round:
+
+    1. sample   n responses per prompt from the current policy           (the "expert": best-of-n)
+    2. select   of those that ended with EOS, the one with the highest reward r(x, y)
+                (`RewardScorer.reward`: what PPO maximises); a prompt none of whose n samples
+                stopped is skipped this round (distilling a response that never ends teaches rambling)
+    3. distil   supervised fine-tuning on (prompt, best response): the SFT loss on response tokens
+
+Best-of-n from SFT moves at most log n - (n-1)/n nats from it (`stats.best_of_n_kl`) and gains
+whatever the RM's ranking is worth (evaluate.py draws its curve). Distilling it into the policy
+makes that gain the policy's own at one sample; a second round searches from there. There is no
+KL term: the distance to SFT is held by how few rounds and steps there are - eval/kl shows it.
+The gold labeler judges the result on held-out prompts exactly as it judges PPO and DPO.
+
+CPU:  python train_expert.py                   (preset tiny, ~2 minutes on 2 cores)
+      python train_expert.py --n 8 --rounds 1  (search wider, once)
+      python train_expert.py --preset smoke
+GPU:  python train_expert.py --preset medium --device cuda
+Several processes (data parallel): torchrun --standalone --nproc_per_node=2 train_expert.py --preset smoke
+      Each rank samples and scores its share of the round's prompts with its own dice; the chosen
+      responses are gathered so every rank holds the same distillation set; then, as in
+      train_sft.py, each step's --batch-size examples are split over the ranks and every rank
+      divides its summed loss by the GLOBAL token count. Rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from minirlhf import labeling
+from minirlhf.checkpoint import load_policy, save_checkpoint
+from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
+from minirlhf.data import evenly_spaced, read_prompts, sft_batch
+from minirlhf.metrics import MetricsLogger, read_metrics
+from minirlhf.plots import plot_curves
+from minirlhf.ppo import evaluate_policy
+from minirlhf.reward import load_reward_model
+from minirlhf.runtime import setup_runtime
+from minirlhf.tokenizer import Tokenizer, render_chat
+from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
+
+EVAL_TEMPERATURE = 1.0   # held-out samples are drawn as PPO draws them (its default --temperature)
+EVAL_BATCH_SIZE = 64     # PPO's tiny --batch-size: the same prompts, seed and batches as its evaluation
+
+
+@dataclass
+class ExpertConfig:
+    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
+    data_dir: str = field(default="data", metadata={"help": "where the prompts and the tokenizer are"})
+    out_dir: str = field(default="out", metadata={"help": "where sft.pt/rm.pt are read and expert.pt and logs go"})
+    init: str = field(default="", metadata={"help": "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)"})
+    reward_model: str = field(default="", metadata={"help": "reward model checkpoint (default: OUT_DIR/rm.pt)"})
+    prompts: str = field(default="", metadata={"help": "prompts to sample (default: DATA_DIR/ppo_prompts.jsonl)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
+                                                         "fp32 or bf16 (autocast; weights stay fp32)",
+                                                 "choices": ["auto", "fp32", "bf16"]})
+    seed: int = field(default=1337, metadata={"help": "random seed"})
+    rounds: int = field(default=2, metadata={"help": "sample -> select -> distil rounds, each from the policy so far",
+                                             "min": 1})
+    prompts_per_round: int = field(default=512, metadata={"help": "prompts sampled per round", "min": 1})
+    n: int = field(default=4, metadata={"help": "samples per prompt; the RM keeps the best one", "min": 2})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.05})
+    max_new_tokens: int = field(default=48, metadata={"help": "response budget in tokens", "min": 1})
+    sample_batch_size: int = field(default=256, metadata={"help": "sequences sampled at once", "min": 1})
+    epochs: int = field(default=2, metadata={"help": "passes over each round's chosen responses", "min": 1})
+    batch_size: int = field(default=32, metadata={"help": "examples per step, over all processes", "min": 1})
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate of each round (AdamW)", "min": 0.0})
+    min_lr: float = field(default=5e-6, metadata={"help": "learning rate at the end of each round's cosine decay",
+                                                  "min": 0.0})
+    warmup_steps: int = field(default=3, metadata={"help": "linear warmup steps of each round", "min": 0})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
+    eval_prompts: int = field(default=48, metadata={"help": "held-out prompts per evaluation, evenly spaced in the "
+                                                           "file (0: none)", "min": 0})
+    eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt", "min": 1})
+    kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
+                                                   "choices": ["auto", "reference"]})
+    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+
+
+PRESETS = {
+    "smoke": dict(rounds=1, prompts_per_round=16, n=4, max_new_tokens=16, epochs=1, batch_size=8, warmup_steps=1,
+                  eval_prompts=4, eval_samples=1),
+    "tiny": {},
+    "medium": dict(prompts_per_round=1024),
+    "small": dict(prompts_per_round=2048, n=8, batch_size=64, lr=1e-5, min_lr=1e-6, eval_prompts=111,
+                  eval_samples=4, max_new_tokens=64),
+}
+
+
+def best_of_n_examples(policy, tokenizer, scorer, prompts: list[str], cfg, generator, runtime) -> tuple[list, dict]:
+    """Steps 1-2 of a round: n samples per prompt, the RM's favourite of each prompt kept.
+
+    Returns (examples, stats): (prompt ids, response ids + EOS) of the favourite among each prompt's
+    samples that ended - rendered from the text, as the RM read it - on every rank, in prompt order;
+    and the share of prompts kept, the mean reward of their n samples and of the chosen ones. Each
+    rank samples its share of the prompts."""
+    mine = runtime.shard(list(range(len(prompts))))
+    chosen = []   # (prompt index, text, reward of the favourite, mean reward of the n)
+    for first in range(0, len(mine), max(1, cfg.sample_batch_size // cfg.n)):
+        indices = mine[first:first + max(1, cfg.sample_batch_size // cfg.n)]
+        repeated = [prompts[i] for i in indices for _ in range(cfg.n)]          # n copies of each, together
+        texts, ended, _ = sample_responses(policy, tokenizer, repeated, max_new_tokens=cfg.max_new_tokens,
+                                           temperature=cfg.temperature, generator=generator,
+                                           batch_size=len(repeated))
+        rewards = scorer.reward(repeated, texts, ended).view(len(indices), cfg.n)   # (prompts, n)
+        stopped = torch.tensor(ended).view(len(indices), cfg.n)
+        best = rewards.masked_fill(~stopped, -math.inf).argmax(dim=1)              # the favourite that ended
+        for row, index in enumerate(indices):
+            if stopped[row].any():
+                chosen.append((index, texts[row * cfg.n + best[row].item()], rewards[row, best[row]].item(),
+                               rewards[row].mean().item()))
+    chosen = sorted(runtime.gather_objects(chosen), key=lambda c: c[0])   # every rank's, in prompt order
+    examples = []
+    for index, text, _, _ in chosen:
+        prompt_ids = render_chat(tokenizer, prompts[index])
+        examples.append((prompt_ids, render_chat(tokenizer, prompts[index], text)[len(prompt_ids):]))
+    stats = {"select/kept": len(chosen) / len(prompts),
+             "select/reward_chosen": sum(c[2] for c in chosen) / max(len(chosen), 1),
+             "select/reward_mean": sum(c[3] for c in chosen) / max(len(chosen), 1)}
+    return examples, stats
+
+
+def main() -> None:
+    cfg = parse_config(ExpertConfig, PRESETS, description=__doc__.split("\n\n")[0])
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
+    print_config(cfg, "train_expert")   # after setup_runtime: under torchrun rank 0 alone prints
+
+    tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
+    init_path = cfg.init or os.path.join(cfg.out_dir, "sft.pt")
+    policy, _ = load_policy(init_path, tokenizer.identity, runtime)
+    ref_policy, _ = load_policy(init_path, tokenizer.identity, runtime)
+    ref_policy.requires_grad_(False)
+    scorer = load_reward_model(cfg.reward_model or os.path.join(cfg.out_dir, "rm.pt"), tokenizer, runtime)
+    prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "ppo_prompts.jsonl"))
+    eval_prompts = evenly_spaced(read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl")), cfg.eval_prompts)
+    block_size = policy.config.block_size
+    longest = max(len(render_chat(tokenizer, p)) for p in prompts + eval_prompts)
+    if longest + cfg.max_new_tokens > block_size:
+        raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
+                        f"the model's block_size {block_size}")
+    rng = random.Random(cfg.seed)   # the same seed on every rank: the ranks agree on prompts and batches
+    train_policy = runtime.wrap(policy)   # DDP under torchrun: backward averages the gradients over ranks
+    baseline: dict = {}
+
+    def evaluate(step: int) -> dict:
+        """The gold labeler on held-out samples, as PPO logs it; gains relative to step 0 (the SFT policy)."""
+        if not eval_prompts:
+            return {}
+        result = evaluate_policy(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=EVAL_TEMPERATURE,
+                                 generator=runtime.generator(cfg.seed), batch_size=EVAL_BATCH_SIZE, runtime=runtime)
+        if not baseline:
+            baseline.update({"sft/gold": result["eval/gold"], "sft/gold_sd": result["eval/gold_sd"]})
+        result["eval/gold_gain_sd"] = (result["eval/gold"] - baseline["sft/gold"]) / max(baseline["sft/gold_sd"], 1e-6)
+        print(f"  [eval {step}] gold {result['eval/gold']:.3f} ({result['eval/gold_gain_sd']:+.2f} SFT sd) | "
+              f"kl {result['eval/kl']:.2f} | eos {result['eval/eos_rate']:.2f} | "
+              f"len {result['eval/response_length']:.1f}")
+        return result
+
+    metrics_path = os.path.join(cfg.out_dir, "expert_metrics.jsonl")
+    start = time.time()
+    step, record, last_eval = 0, {}, {}
+    with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
+        last_eval = evaluate(0)
+        if last_eval:
+            log.log(0, **{k: v for k, v in last_eval.items() if k != "samples"})
+        for round_ in range(cfg.rounds):
+            # ---- 1-2. sample n per prompt from the current policy, keep the RM's favourite
+            round_prompts = labeling.cycle_prompts(prompts, cfg.prompts_per_round, rng)
+            examples, selected = best_of_n_examples(policy, tokenizer, scorer, round_prompts, cfg,
+                                                    runtime.generator(cfg.seed + 1 + round_), runtime)
+            if not examples:
+                raise UserError(f"round {round_ + 1}: no sample ended within --max-new-tokens "
+                                f"{cfg.max_new_tokens}: raise it")
+            print(f"round {round_ + 1}/{cfg.rounds}: best of {cfg.n} for {len(round_prompts)} prompts: reward "
+                  f"{selected['select/reward_mean']:.2f} (mean of n) -> {selected['select/reward_chosen']:.2f} "
+                  f"(chosen); {len(examples)} kept")
+
+            # ---- 3. distil: SFT on the chosen responses (a fresh optimizer and schedule each round;
+            #      dropout stays off, as in PPO and DPO: load_policy returns the model in eval mode)
+            optimizer = policy.configure_optimizer(0.0, cfg.lr)
+            round_steps = math.ceil(len(examples) / cfg.batch_size) * cfg.epochs
+            progress = Progress(round_steps, desc=f"round {round_ + 1}")
+            for round_step in range(round_steps):
+                if round_step % math.ceil(len(examples) / cfg.batch_size) == 0:
+                    rng.shuffle(examples)
+                first = (round_step % math.ceil(len(examples) / cfg.batch_size)) * cfg.batch_size
+                lr = cosine_lr(round_step, round_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                global_batch = examples[first:first + cfg.batch_size]
+                mine = runtime.shard(global_batch)
+                batch = sft_batch(mine or global_batch[:1], tokenizer.pad_id, block_size).to(runtime.device)
+                if not mine:   # a short last batch left this rank nothing: one row that counts no token
+                    batch.loss_mask.zero_()
+                (global_tokens,) = runtime.sum_over_ranks(batch.loss_mask.sum().item())
+                loss = lm_loss(train_policy, batch.inputs, batch.targets, batch.loss_mask, batch.attention_mask,
+                               token_count=max(global_tokens, 1.0) / runtime.world_size)
+                check_finite(loss, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
+                optimizer.step()
+                step += 1
+                record = {"loss/train": runtime.mean_over_ranks({"loss": loss.item()})["loss"], "lr": lr,
+                          "grad_norm": grad_norm.item(), "round": round_ + 1}
+                if round_step == 0:
+                    record.update(selected)
+                if round_step == round_steps - 1:
+                    last_eval = evaluate(step)
+                    record.update({k: v for k, v in last_eval.items() if k != "samples"})
+                log.log(step, **record)
+                progress.log(round_step + 1, loss=record["loss/train"])
+
+    minutes = (time.time() - start) / 60
+    if not runtime.is_main:
+        return   # rank 0 alone reports and writes
+    summary = {k: v for k, v in {**record, **last_eval}.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    summary.update({"minutes": minutes, "samples_drawn": cfg.rounds * cfg.prompts_per_round * cfg.n, **baseline})
+    out_path = os.path.join(cfg.out_dir, "expert.pt")
+    save_checkpoint(out_path, kind="expert", model_state=policy.state_dict(), model_config=asdict(policy.config),
+                    tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step, metrics=summary)
+    curves = os.path.join(cfg.out_dir, "expert_curves.png")
+    plot_curves(read_metrics(metrics_path), [
+        {"keys": ["loss/train"], "title": "distillation loss (chosen responses' tokens)", "ylabel": "cross-entropy (nats)"},
+        {"keys": ["select/reward_mean", "select/reward_chosen"], "title": f"reward: mean of {cfg.n} vs the chosen one",
+         "ylabel": "normalised RM reward", "smooth": False},
+        {"keys": ["eval/gold"], "title": "held-out gold labeler score", "ylabel": "gold total", "smooth": False},
+        {"keys": ["eval/kl"], "title": "KL(policy || SFT) per held-out response", "ylabel": "nats", "smooth": False},
+    ], curves, title=f"Expert iteration ({cfg.rounds} rounds of best-of-{cfg.n})")
+    if last_eval:
+        for prompt, text, gold in last_eval["samples"][:3]:
+            print(f"  [sample] {prompt!r} -> {text!r} | gold {gold:.2f}")
+        print(f"held-out gold: SFT {baseline['sft/gold']:.3f} -> expert iteration {summary['eval/gold']:.3f} "
+              f"({summary['eval/gold_gain_sd']:+.2f} SFT standard deviations), KL {summary['eval/kl']:.2f} nats")
+    print(f"done in {minutes:.1f} min, {summary['samples_drawn']} samples drawn")
+    print(f"wrote {out_path}, {metrics_path}, {curves}")
+
+
+if __name__ == "__main__":
+    run_main(main)

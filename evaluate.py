@@ -52,7 +52,7 @@ from minirlhf.model import GPT
 from minirlhf.plots import save_figure
 from minirlhf.labeling import RankedComparison
 from minirlhf.reward import gold_agreement, load_reward_model
-from minirlhf.tokenizer import Tokenizer
+from minirlhf.tokenizer import Tokenizer, render_chat
 from minirlhf.training import response_logprobs, sample_responses
 from minirlhf.runtime import setup_runtime
 from minirlhf.stats import (best_of_n_expected, best_of_n_kl, fit_gao, gao_curve, kl_regularised_optimum,
@@ -586,6 +586,13 @@ def json_safe(value):
     return value
 
 
+def check_fits(model, path: str, longest_prompt: int, cfg, prompts_file: str) -> None:
+    """Every prompt and its response must fit the model's context: one line naming the files."""
+    if longest_prompt + cfg.max_new_tokens > model.config.block_size:
+        raise UserError(f"{prompts_file}: the longest prompt ({longest_prompt} tokens) + --max-new-tokens "
+                        f"{cfg.max_new_tokens} exceeds the block_size {model.config.block_size} of {path}")
+
+
 def checkpoint_list(cfg) -> tuple[dict[str, str], list[str]]:
     """{label: path} of the checkpoints to evaluate, and notes about the default ones that are missing."""
     if cfg.checkpoints:
@@ -618,11 +625,13 @@ def main() -> None:
     prompts_file = cfg.prompts or os.path.join(cfg.data_dir, "eval_prompts.jsonl")
     prompts = read_prompts(prompts_file)
     prompts = prompts[:cfg.max_prompts] if cfg.max_prompts else prompts
+    longest_prompt = max(len(render_chat(tokenizer, p)) for p in prompts)
     checkpoints, notes = checkpoint_list(cfg)
     reference_path = cfg.reference or os.path.join(cfg.out_dir, "sft.pt")
     reference, reference_ckpt = None, None
     if os.path.exists(reference_path):
         reference, reference_ckpt = load_policy(reference_path, tokenizer, runtime)
+        check_fits(reference, reference_path, longest_prompt, cfg, prompts_file)
     else:
         notes.append(f"{reference_path} not found: no KL to SFT")
     rm_path = cfg.reward_model or os.path.join(cfg.out_dir, "rm.pt")
@@ -647,6 +656,7 @@ def main() -> None:
             model, ckpt = reference, reference_ckpt
         else:
             model, ckpt = load_policy(path, tokenizer, runtime)
+            check_fits(model, path, longest_prompt, cfg, prompts_file)
         kinds[label], costs[label] = ckpt["kind"], training_cost(ckpt)
         answers = answer(model, reference, tokenizer, prompts, cfg, cfg.samples, runtime)
         if scorer is not None:

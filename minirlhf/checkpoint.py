@@ -219,11 +219,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
 
     The temporary file is created with open(), so it gets the usual permissions; tempfile.mkstemp
     would make the final file readable by its owner only.
+
+    A process killed outright (`kill -9`, a power cut) cannot delete its temporary file: the next
+    write of the same `path` removes the ones whose process is gone (the pid is in the name).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     text = "b" not in mode
     try:
@@ -236,6 +240,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         tmp_path.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete `.NAME.<pid>.<hex>.tmp` files of `path` left by processes that no longer run (a
+    live one may be writing it right now: two runs saving into one directory)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+\.tmp")
+    for candidate in path.parent.iterdir():
+        found = pattern.fullmatch(candidate.name)
+        if found and not _process_is_alive(int(found.group(1))):
+            candidate.unlink(missing_ok=True)
+
+
+def _process_is_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":   # (on Windows, os.kill(pid, 0) would send Ctrl-C)
+        return True
+    try:
+        os.kill(pid, 0)   # signal 0: nothing is sent, only whether the process exists is checked
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True       # it exists (another user's), or we cannot tell: leave its file alone
+    return True
 
 
 def _verify_archive(path: Path) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import random
 import sys
 import time
@@ -55,6 +56,7 @@ __all__ = [
     "parse_config",
     "config_to_dict",
     "print_config",
+    "make_out_dir",
     "resolve_device",
     "seed_everything",
     "Progress",
@@ -87,6 +89,9 @@ def run_main(main: Callable[[], None]) -> None:
     - `FileNotFoundError`  -> `error: no such file: <path>`, exit 2. A path that does not exist is
                               nearly always a user's typo or a stage not run yet, and the message
                               names the path; `--debug` shows where it was opened.
+    - any other `OSError`  -> `error: <path>: <what went wrong>`, exit 2: a directory where a file
+                              is expected, a file where a directory is, no permission, a full disk.
+                              These too are the machine's or the user's, not the code's.
     - `KeyboardInterrupt`  -> `interrupted`, exit 130. Checkpoints are written atomically, so the
                               last good one is intact.
     - anything else (ValueError included) propagates with its full traceback: it is a bug, or a
@@ -103,16 +108,34 @@ def run_main(main: Callable[[], None]) -> None:
             raise
         _print_error(str(error))
         sys.exit(EXIT_USER_ERROR)
-    except FileNotFoundError as error:
+    except OSError as error:
         if debug:
             raise
-        _print_error(f"no such file: {error.filename}" if error.filename else str(error))
+        _print_error(_describe_os_error(error))
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         if debug:
             raise
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _describe_os_error(error: OSError) -> str:
+    """One line naming the path and what is wrong with it, in words a student can act on."""
+    path = error.filename
+    if path is None:
+        return str(error)
+    if isinstance(error, FileNotFoundError):
+        return f"no such file: {path}"
+    if isinstance(error, IsADirectoryError):
+        return f"{path} is a directory, expected a file"
+    if isinstance(error, NotADirectoryError):
+        return f"{path}: a part of this path is a file, expected a directory"
+    if isinstance(error, FileExistsError):
+        return f"{path} exists and is not a directory"
+    if isinstance(error, PermissionError):
+        return f"{path}: permission denied"
+    return f"{path}: {error.strerror or error}"
 
 
 def _leave_process_group() -> None:
@@ -164,8 +187,10 @@ def parse_config(
         other presets' values when they differ;
       - `metadata["metavar"]` names the value in `--help` (default: the type, e.g. `INT`);
       - `metadata["choices"]` restricts the values; `metadata["min"]`/`["max"]` are inclusive
-        bounds, checked on the final value (preset values too). A violation is an argparse error:
-        one line on stderr, exit 2.
+        bounds, `metadata["above"]` an exclusive lower bound (`--lr` must be > 0), all checked on
+        the final value (preset values too). A float must be finite: `nan` compares False with
+        every bound, so it would pass them all, and no option means anything at infinity. A
+        violation is an argparse error: one line on stderr, exit 2.
     `--preset NAME` is added when `presets` has more than one key; the name used is stored in the
     config's `preset` field when the dataclass has one. `--debug` is always accepted: it sets a
     `debug` field when the dataclass has one and is otherwise only read by `run_main`.
@@ -361,15 +386,19 @@ def _show(value) -> str:
 
 
 def _check_range(f: dataclasses.Field, value) -> str | None:
-    """The problem with a field's final value under its metadata (choices, min, max), or None."""
+    """The problem with a field's final value under its metadata (choices, min, above, max), or None."""
     if value is None:
         return None
     items = value if isinstance(value, (list, tuple)) else [value]
     choices = f.metadata.get("choices")
-    low, high = f.metadata.get("min"), f.metadata.get("max")
+    low, high, above = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("above")
     for item in items:
         if choices is not None and item not in choices:
             return f"invalid choice {item!r} (choose from {', '.join(map(repr, choices))})"
+        if isinstance(item, float) and not math.isfinite(item):
+            return f"must be a finite number, got {item}"   # trap: nan < low and nan > high are both False
+        if above is not None and item <= above:
+            return f"must be > {above}, got {item}"
         if low is not None and item < low:
             return f"must be >= {low}, got {item}"
         if high is not None and item > high:
@@ -416,6 +445,18 @@ def print_config(cfg, title: str, file=None) -> None:
     for name, value in values.items():
         print(f"  {name.ljust(width)} = {value}", file=out)
     out.flush()
+
+
+# --------------------------------------------------------------------------------------------------
+# The output directory
+
+
+def make_out_dir(path: str) -> None:
+    """Create `--out-dir` (and its parents) before any training, and check it can be written: a path
+    that is a file, lies under a file or is read-only fails now, in one line, not at the first save."""
+    os.makedirs(path, exist_ok=True)   # FileExistsError / NotADirectoryError: run_main names the path
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {path} is not writable")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 
 from minirlhf.checkpoint import atomic_write
 from minirlhf.cli import UserError
+from minirlhf.tokenizer import SPECIAL_TOKENS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -35,12 +36,20 @@ def read_jsonl(path: str) -> list[dict]:
 
 def numbered_records(path: str) -> list[tuple[str, dict]]:
     """Every record with where it is, "path:line" (line numbers count blank lines too), so that a
-    reader's error about a record's fields names the line an editor shows."""
+    reader's error about a record's fields names the line an editor shows.
+
+    The file is read as bytes and each line decoded on its own: a byte that is not UTF-8 is then
+    reported with its line, not as a UnicodeDecodeError at an offset into the whole file."""
     if not os.path.exists(path):
         raise UserError(f"{path}: file not found")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw_line in enumerate(f, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw_line[e.start]:02x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -53,6 +62,21 @@ def numbered_records(path: str) -> list[tuple[str, dict]]:
     if not records:
         raise UserError(f"{path}: no records (empty file)")
     return records
+
+
+def read_text(path: str) -> str:
+    """A whole UTF-8 text file (the pretraining corpus), newlines as open() in text mode gives them.
+    A byte that is not UTF-8 is a UserError naming the file and its line."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: file not found (run python data/prepare.py first)")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")   # universal newlines, as open(path) reads them
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
@@ -75,11 +99,22 @@ def _text(value, role: str, where: str, field: str) -> str:
                     f"got {type(value).__name__}")
 
 
+def _usable_text(text: str, where: str, field: str) -> str:
+    """A prompt or a demonstration must say something (an empty one trains on nothing, or asks
+    nothing, silently), and must not hold a special token's string (`render_chat` refuses it)."""
+    if not text.strip():
+        raise UserError(f"{where}: field '{field}' is empty")
+    for token in SPECIAL_TOKENS:
+        if token in text:
+            raise UserError(f"{where}: field '{field}' contains the special token {token!r}")
+    return text
+
+
 def _prompt_of(record: dict, where: str) -> str:
     if "prompt" in record:
-        return _text(record["prompt"], "user", where, "prompt")
+        return _usable_text(_text(record["prompt"], "user", where, "prompt"), where, "prompt")
     if "messages" in record:
-        return _text(record["messages"], "user", where, "messages")
+        return _usable_text(_text(record["messages"], "user", where, "messages"), where, "messages")
     raise UserError(f"{where}: missing field 'prompt'")
 
 
@@ -99,7 +134,8 @@ def read_sft(path: str) -> list[tuple[str, str]]:
             completion = _text(record["messages"], "assistant", where, "messages")
         else:
             raise UserError(f"{where}: missing field 'completion' (expected {{\"prompt\", \"completion\"}})")
-        pairs.append((prompt, completion))
+        field_name = "completion" if "completion" in record else "messages"
+        pairs.append((prompt, _usable_text(completion, where, field_name)))
     return pairs
 
 

@@ -54,7 +54,6 @@ import base64
 import hashlib
 import heapq
 import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -62,6 +61,9 @@ from pathlib import Path
 
 import regex  # the `regex` module (a dependency of tiktoken): `re` has no \p{L} classes
 import tiktoken
+
+from minirlhf.checkpoint import atomic_write
+from minirlhf.cli import UserError
 
 # Order matters: special ids are numbered in this order right after the trained ranks.
 EOS_TOKEN = "<|endoftext|>"
@@ -289,23 +291,15 @@ def _rank_file_bytes(ranks: dict[bytes, int]) -> bytes:
 def save_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
     """Write `ranks` to `path` in tiktoken's rank-file format, atomically.
 
-    Atomic: the bytes go to a temporary file in the same directory, which is then renamed over
-    `path` (a rename within one filesystem is atomic), so an interrupted write never leaves a
-    half-written tokenizer behind.
+    Atomic (`checkpoint.atomic_write`): the bytes go to a temporary file in the same directory,
+    which is then renamed over `path` (a rename within one filesystem is atomic), so an interrupted
+    write never leaves a half-written tokenizer behind. The file gets the usual permissions (0644
+    under the usual umask), not tempfile.mkstemp's owner-only 0600.
     """
     path = Path(path)
     _check_ranks(ranks, f"save_ranks({path})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    file_descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(file_descriptor, "wb") as file:
-            file.write(_rank_file_bytes(ranks))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_write(path, "wb") as file:
+        file.write(_rank_file_bytes(ranks))
 
 
 def _parse_rank_file(data: bytes, path: str | os.PathLike) -> dict[bytes, int]:
@@ -430,9 +424,14 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, name: str = "tinyworld") -> "Tokenizer":
-        """Load the rank file at `path` (see `load_ranks` for the errors)."""
+        """Load the rank file at `path`. A corrupt file is a `UserError` naming the file and line
+        (what `load_ranks` raises as a ValueError: here the file is the user's input)."""
         data = _read_rank_file(path)
-        return cls(_parse_rank_file(data, path), name=name, sha256=hashlib.sha256(data).hexdigest())
+        try:
+            ranks = _parse_rank_file(data, path)
+        except ValueError as error:
+            raise UserError(f"{error} (data/prepare.py writes the tokenizer file)") from None
+        return cls(ranks, name=name, sha256=hashlib.sha256(data).hexdigest())
 
     @property
     def identity(self) -> dict:

@@ -42,9 +42,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from evaluate import print_summary  # the table evaluate.py prints, printed again at the end
 from minirlhf.checkpoint import load_checkpoint
 from minirlhf.cli import UserError, format_duration, parse_config, print_config, run_main
+from minirlhf.eval_report import print_summary  # the table evaluate.py prints, printed again at the end
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

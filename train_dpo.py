@@ -13,7 +13,7 @@ a loss on the policy itself (`losses.dpo_loss`): raise log pi/pi_ref of the chos
 that of the rejected one. So DPO is supervised learning on fixed pairs: no reward model, no critic,
 no samples drawn while training (it is *offline*: it learns only from the SFT policy's responses,
 never from its own). The gold labeler judges it on held-out prompts exactly as it judges PPO
-(`ppo.evaluate_policy`: eval/gold, eval/kl), so the two runs compare directly.
+(`evaluation.HeldOutEvaluation`: eval/gold, eval/kl), so the two runs compare directly.
 
 Watch the implicit rewards in dpo_curves.png: the margin grows mostly by pushing the REJECTED
 responses down; the chosen ones drift down too, a little: the loss asks only for the difference.
@@ -44,10 +44,10 @@ from minirlhf import labeling
 from minirlhf.checkpoint import load_policy, save_checkpoint
 from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, pad_sequences, read_prompts
+from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.losses import DPO_LOSS_TYPES, dpo_loss
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.plots import plot_curves
-from minirlhf.ppo import evaluate_policy
 from minirlhf.reward import batch_share
 from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
@@ -237,20 +237,10 @@ def main() -> None:
     train_policy = runtime.wrap(policy)   # DDP under torchrun: backward averages the gradients over ranks
     baseline: dict = {}
 
-    def evaluate(step: int) -> dict:
-        """The gold labeler on held-out samples, as PPO logs it; gains relative to step 0 (the SFT policy)."""
-        if not eval_prompts:
-            return {}
-        result = evaluate_policy(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=EVAL_TEMPERATURE,
-                                 generator=runtime.generator(cfg.seed), batch_size=EVAL_BATCH_SIZE, runtime=runtime)
-        if not baseline:   # the SFT policy's numbers: what progress is measured against
-            baseline.update({"sft/gold": result["eval/gold"], "sft/gold_sd": result["eval/gold_sd"]})
-        result["eval/gold_gain_sd"] = (result["eval/gold"] - baseline["sft/gold"]) / max(baseline["sft/gold_sd"], 1e-6)
-        print(f"  [eval {step}] gold {result['eval/gold']:.3f} ({result['eval/gold_gain_sd']:+.2f} SFT sd) | "
-              f"kl {result['eval/kl']:.2f} | eos {result['eval/eos_rate']:.2f} | "
-              f"len {result['eval/response_length']:.1f}")
-        return result
+    # evaluate(step): the gold labeler on held-out samples, as PPO logs it; gains relative to step 0 (SFT)
+    evaluate = HeldOutEvaluation(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=EVAL_TEMPERATURE, seed=cfg.seed,
+                                 batch_size=EVAL_BATCH_SIZE, runtime=runtime, baseline=baseline)
 
     # ---- the loop: each step, the global batch's pairs -> one forward of chosen and rejected -> DPO loss
     metrics_path = os.path.join(cfg.out_dir, "dpo_metrics.jsonl")
@@ -260,7 +250,7 @@ def main() -> None:
     with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
         last_eval = evaluate(0)   # the SFT policy itself: the baseline
         if last_eval:
-            log.log(0, **{k: v for k, v in last_eval.items() if k != "samples"})
+            log.log(0, **last_eval)
         while step < total_steps:
             order = list(range(len(pairs)))
             order_rng.shuffle(order)
@@ -287,7 +277,7 @@ def main() -> None:
                 record.update({"lr": lr, "grad_norm": grad_norm.item()})
                 if step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0):
                     last_eval = evaluate(step)
-                    record.update({k: v for k, v in last_eval.items() if k != "samples"})
+                    record.update(last_eval)
                 log.log(step, **record)
                 progress.log(step, loss=record["loss/train"], acc=record["rewards/accuracies"],
                              margin=record["rewards/margins"], gold=last_eval.get("eval/gold", math.nan))
@@ -315,7 +305,7 @@ def main() -> None:
         {"keys": ["grad_norm"], "title": "gradient norm (before clipping)", "ylabel": "L2 norm"},
     ], curves, title=f"DPO (beta {cfg.beta}, {cfg.loss_type} loss)")
     if last_eval:
-        for prompt, text, gold in last_eval["samples"][:3]:
+        for prompt, text, gold in evaluate.samples[:3]:   # the last evaluation's
             print(f"  [sample] {prompt!r} -> {text!r} | gold {gold:.2f}")
         print(f"held-out gold: SFT {baseline['sft/gold']:.3f} -> DPO {summary['eval/gold']:.3f} "
               f"({summary['eval/gold_gain_sd']:+.2f} SFT standard deviations), KL {summary['eval/kl']:.2f} nats")

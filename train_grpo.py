@@ -92,10 +92,11 @@ import torch
 from minirlhf.checkpoint import load_policy, save_checkpoint
 from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, read_prompts
+from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.losses import grpo_advantages, kl_penalty, masked_mean, ppo_policy_loss, rloo_advantages
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.plots import plot_curves
-from minirlhf.ppo import (Rollout, evaluate_policy, means_over_ranks, minibatch_orders, policy_logprobs,
+from minirlhf.ppo import (Rollout, means_over_ranks, minibatch_orders, policy_logprobs,
                           score_rollout, token_share)
 from minirlhf.reward import load_reward_model
 from minirlhf.runtime import Runtime, setup_runtime
@@ -333,21 +334,11 @@ def main() -> None:
     metrics_path = os.path.join(cfg.out_dir, f"{kind}_metrics.jsonl")
     gold_normaliser, baseline = None, {}
 
-    def evaluate(update: int) -> dict:   # train_ppo.py's held-out evaluation, unchanged
-        if not eval_prompts:
-            return {}
-        result = evaluate_policy(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 reward_scorer=reward_scorer, generator=runtime.generator(cfg.seed),
-                                 batch_size=cfg.batch_size * k, runtime=runtime)
-        result.pop("samples")
-        if not baseline:   # the SFT policy's numbers: what progress is measured against
-            baseline.update({"sft/gold": result["eval/gold"], "sft/gold_sd": result["eval/gold_sd"]})
-        result["eval/gold_gain_sd"] = (result["eval/gold"] - baseline["sft/gold"]) / max(baseline["sft/gold_sd"], 1e-6)
-        print(f"  [eval {update}] gold {result['eval/gold']:.3f} ({result['eval/gold_gain_sd']:+.2f} SFT sd) | "
-              f"kl {result['eval/kl']:.2f} | rm {result.get('eval/rm', math.nan):.3f} | "
-              f"eos {result['eval/eos_rate']:.2f} | len {result['eval/response_length']:.1f}")
-        return result
+    # evaluate(update): train_ppo.py's held-out evaluation; the first call (the SFT policy) fills `baseline`
+    evaluate = HeldOutEvaluation(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                                 batch_size=cfg.batch_size * k, runtime=runtime, reward_scorer=reward_scorer,
+                                 baseline=baseline)
 
     # ---- the loop
     print(f"{cfg.advantage.upper()}: {cfg.total_updates} updates x {cfg.batch_size} prompts x {k} samples, "

@@ -43,10 +43,11 @@ import torch
 from minirlhf.checkpoint import load_checkpoint, load_policy, save_checkpoint
 from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, random_windows, read_prompts
+from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.losses import AdaptiveKLController, FixedKLController
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.plots import plot_curves
-from minirlhf.ppo import (Rollout, compute_advantages, critic_from_policy, critic_from_reward_model, evaluate_policy,
+from minirlhf.ppo import (Rollout, compute_advantages, critic_from_policy, critic_from_reward_model,
                           forward_rollout, means_over_ranks, minibatch_orders, ppo_update, rollout_stats,
                           score_rollout)
 from minirlhf.reward import load_reward_model
@@ -280,21 +281,11 @@ def main() -> None:
     # backward averages the gradients over the ranks), the models themselves in one process
     train_policy, train_critic = runtime.wrap(policy), runtime.wrap(critic)
 
-    def evaluate(update: int) -> dict:
-        if not eval_prompts:
-            return {}
-        result = evaluate_policy(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 reward_scorer=reward_scorer, generator=runtime.generator(cfg.seed),
-                                 batch_size=cfg.batch_size, runtime=runtime)
-        result.pop("samples")
-        if not baseline:   # the SFT policy's numbers: what progress is measured against
-            baseline.update({"sft/gold": result["eval/gold"], "sft/gold_sd": result["eval/gold_sd"]})
-        result["eval/gold_gain_sd"] = (result["eval/gold"] - baseline["sft/gold"]) / max(baseline["sft/gold_sd"], 1e-6)
-        print(f"  [eval {update}] gold {result['eval/gold']:.3f} ({result['eval/gold_gain_sd']:+.2f} SFT sd) | "
-              f"kl {result['eval/kl']:.2f} | rm {result.get('eval/rm', math.nan):.3f} | "
-              f"eos {result['eval/eos_rate']:.2f} | len {result['eval/response_length']:.1f}")
-        return result
+    # evaluate(update): the held-out eval/* metrics; the first call (the SFT policy) fills `baseline`
+    evaluate = HeldOutEvaluation(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                                 batch_size=cfg.batch_size, runtime=runtime, reward_scorer=reward_scorer,
+                                 baseline=baseline)
 
     def save(update: int, summary: dict) -> None:
         # every rank's sampling dice (a collective: all ranks call save), so that --resume gives each its own

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from minirlhf import labeler
 from minirlhf.checkpoint import load_policy, save_checkpoint
 from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
 from minirlhf.data import read_prompts, read_sft, sft_batch
+from minirlhf.evaluation import gold_report
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.plots import plot_curves
 from minirlhf.runtime import setup_runtime
@@ -104,26 +104,6 @@ def held_out_loss(model, examples, cfg, pad_id, runtime) -> float:
     return total / max(count, 1)
 
 
-def gold_report(model, tokenizer, prompts, cfg, runtime) -> dict:
-    """How the SFT model's samples score with the gold labeler on held-out prompts (temperature 1
-    and greedy): mean total and parts, EOS rate, and the share of wrong / rude / off-topic / long."""
-    report = {}
-    for name, temperature in (("sample", 1.0), ("greedy", 0.0)):
-        texts, ended, _ = sample_responses(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                                           temperature=temperature,
-                                           generator=runtime.generator(cfg.seed))
-        scores = [labeler.score(p, t, e) for p, t, e in zip(prompts, texts, ended)]
-        n = len(scores)
-        report[f"gold/{name}"] = sum(s.total for s in scores) / n
-        for part in labeler.WEIGHTS:
-            report[f"gold/{name}/{part}"] = sum(s.parts[part] for s in scores) / n
-        report[f"eos_rate/{name}"] = sum(ended) / n
-        report[f"share_wrong/{name}"] = sum(s.parts["correct"] < 0.5 for s in scores) / n
-        report[f"share_rude/{name}"] = sum(s.parts["harmless"] < 1 for s in scores) / n
-        report[f"share_off_topic/{name}"] = sum(s.parts["on_topic"] < 1 for s in scores) / n
-    return report
-
-
 def main() -> None:
     cfg = parse_config(SFTConfig, PRESETS, description="Supervised fine-tuning on demonstrations.")
     runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
@@ -195,7 +175,8 @@ def main() -> None:
     if not runtime.is_main:
         return   # rank 0 alone reports and writes
     if report_prompts:
-        summary.update(gold_report(model, tokenizer, report_prompts, cfg, runtime))
+        summary.update(gold_report(model, tokenizer, report_prompts, max_new_tokens=cfg.max_new_tokens,
+                                   seed=cfg.seed, runtime=runtime))
         print("gold labeler on held-out prompts: " + ", ".join(
             f"{k} {v:.3f}" for k, v in summary.items() if "/" in k and not k.startswith("loss")))
         texts, _, _ = sample_responses(model, tokenizer, report_prompts[:4], max_new_tokens=cfg.max_new_tokens,

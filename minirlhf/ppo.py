@@ -59,13 +59,13 @@ from dataclasses import dataclass
 import torch
 
 from minirlhf import labeler
+from minirlhf.evaluation import evaluate_policy  # noqa: F401  (moved to evaluation.py)
 from minirlhf.kernels import gae
 from minirlhf.losses import kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from minirlhf.model import GPT, ValueModel
 from minirlhf.reward import MISSING_EOS_PENALTY, task_reward
 from minirlhf.runtime import Runtime
-from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import check_finite, lm_loss, response_logprobs, sample_responses, unwrap
+from minirlhf.training import check_finite, lm_loss, response_logprobs, unwrap
 
 __all__ = [
     "Rollout",
@@ -82,7 +82,6 @@ __all__ = [
     "means_over_ranks",
     "critic_from_reward_model",
     "critic_from_policy",
-    "evaluate_policy",
 ]
 
 
@@ -558,75 +557,3 @@ def critic_from_policy(policy: GPT) -> ValueModel:
     critic = ValueModel(policy.config).to(policy.lm_head.weight.device)
     critic.trunk.load_state_dict(policy.state_dict())
     return critic.eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# Held-out evaluation (the numbers that judge progress)
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_policy(policy: GPT, ref_policy: GPT, tokenizer: Tokenizer, prompts: list[str], *, samples_per_prompt: int,
-                    max_new_tokens: int, temperature: float, generator: torch.Generator, reward_scorer=None,
-                    batch_size: int = 64, runtime: Runtime | None = None) -> dict:
-    """Sample `samples_per_prompt` responses per held-out prompt and summarise them.
-
-    One PPO batch's gold mean swings by a few tenths from batch to batch (different prompts, one
-    sample each): judge progress here instead, on fixed prompts with several samples each and a
-    fixed sampling seed (so two evaluations differ by the policy, not by the dice): pass a fresh
-    `generator` (`Runtime.generator(seed)`) to each call.
-
-    Under torchrun each rank samples its share of the (prompt, sample) pairs (`Runtime.shard`) with
-    its own generator; the per-sample results are gathered, put back in order, and summarised on
-    every rank as one process would (in one process the share is everything: nothing changes).
-
-    Returns ``eval/gold`` (mean gold total), ``eval/gold/<part>`` (mean of each rubric part, in
-    [0, 1]: which one PPO improves), ``eval/gold_sd`` (the totals' spread over samples),
-    ``eval/rm`` (mean normalised RM score, when a scorer is given), ``eval/kl`` (per-sequence
-    summed log pi/pi_ref, averaged: the KL of these samples to the reference), ``eval/eos_rate``,
-    ``eval/response_length``, plus ``samples``: (prompt, response, gold) triples.
-    """
-    runtime = runtime or single_process(policy.lm_head.weight.device)
-    all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    mine = runtime.shard(list(range(len(all_prompts))))   # this rank's (prompt, sample) pairs
-    results = []   # one dict per sample: its index in all_prompts, then what the summary needs
-    for start in range(0, len(mine), batch_size):
-        indices = mine[start:start + batch_size]
-        chunk = [all_prompts[i] for i in indices]
-        texts, _, (generation,) = sample_responses(policy, tokenizer, chunk, max_new_tokens=max_new_tokens,
-                                                   temperature=temperature, generator=generator,
-                                                   batch_size=len(chunk))
-        sequences, attention_mask = generation.sequences()
-        P, mask = generation.prompt_ids.shape[1], generation.response_mask.float()
-        logprobs = response_logprobs(policy, sequences, attention_mask, P, temperature)
-        ref_logprobs = response_logprobs(ref_policy, sequences, attention_mask, P, temperature)
-        kl = ((logprobs - ref_logprobs) * mask).sum(dim=1).tolist()
-        ended = generation.ended.tolist()
-        rm = reward_scorer.score(chunk, texts, ended).tolist() if reward_scorer is not None else None
-        lengths = mask.sum(dim=1).tolist()
-        for row, (index, prompt, text, end) in enumerate(zip(indices, chunk, texts, ended)):
-            score = labeler.score(prompt, text, end)
-            results.append({"index": index, "prompt": prompt, "text": text, "gold": score.total,
-                            "parts": score.parts, "kl": kl[row], "rm": None if rm is None else rm[row],
-                            "ended": end, "length": lengths[row]})
-    results = sorted(runtime.gather_objects(results), key=lambda r: r["index"])   # every rank's, in order
-
-    n = len(results)
-    gold = [r["gold"] for r in results]
-    gold_mean = sum(gold) / n
-    parts = {name: 0.0 for name in labeler.WEIGHTS}   # sums of each rubric part
-    for r in results:
-        for name, value in r["parts"].items():
-            parts[name] += value
-    result = {
-        "eval/gold": gold_mean,
-        "eval/gold_sd": math.sqrt(sum((g - gold_mean) ** 2 for g in gold) / n),
-        "eval/kl": sum(r["kl"] for r in results) / n,
-        "eval/eos_rate": sum(r["ended"] for r in results) / n,
-        "eval/response_length": sum(r["length"] for r in results) / n,
-        "samples": [(r["prompt"], r["text"], r["gold"]) for r in results],
-    }
-    result.update({f"eval/gold/{name}": total / n for name, total in parts.items()})
-    if reward_scorer is not None:
-        result["eval/rm"] = sum(r["rm"] for r in results) / n
-    return result

@@ -7,7 +7,8 @@
     fit_gao, gao_curve      Gao et al. 2022's best-of-n and RL functional forms, least squares
     sqrt_kl                 d = sqrt(KL), the x axis of every over-optimisation plot
 
-`evaluate.py` reports them; `tests/test_evaluate.py` checks them against hand-worked values and loops.
+`evaluation.py` and evaluate.py use them; `tests/test_stats.py` checks them against hand-worked values and
+loops.
 """
 
 from __future__ import annotations

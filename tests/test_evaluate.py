@@ -1,35 +1,28 @@
-"""Tests for evaluate.py: the statistics against plain references, then the script end to end.
-
-The statistics are the lesson: a win rate with ties counted half, best-of-n's KL in closed form,
-the unbiased best-of-n estimator (checked against enumerating every n-subset), Gao et al.'s
-least-squares fits (they must recover known parameters exactly), and the per-response KL to SFT
-(checked against a plain forward pass on each unpadded row). The script runs on untrained toy
-checkpoints built in seconds: the numbers are meaningless there, the plumbing is not.
+"""Tests for evaluate.py, the script end to end: which checkpoints it finds, what eval.json and
+eval.md hold, and one-line errors. It runs on untrained toy checkpoints built in seconds: the numbers
+are meaningless there, the plumbing is not. The statistics are tested in test_stats.py, sampling,
+grading and the KL to SFT in test_evaluation.py, the report's pieces in test_eval_report.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import evaluate
-from minirlhf import stats
-from minirlhf import labeler, world
+from minirlhf import world
 from minirlhf.checkpoint import save_checkpoint
 from minirlhf.cli import run_main
-from minirlhf.generate import generate
 from minirlhf.metrics import MetricsLogger
-from minirlhf.model import GPT, GPTConfig, RewardModel
-from minirlhf.tokenizer import Tokenizer, render_chat, save_ranks, train_bpe
+from minirlhf.model import RewardModel
+from minirlhf.tokenizer import Tokenizer
+from test_evaluation import toy_gpt, toy_tokenizer   # (tests/ is on the path: the same toy models)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,227 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# ---------------------------------------------------------------------------------------------
-# win rates
-
-
-def test_win_rate_hand_worked():
-    # pairs: 3>1 win, 2=2 tie, 1<3 loss, 5>4 win -> (2 + 0.5) / 4; excluding the tie: 2 of 3
-    result = stats.win_rate([3, 2, 1, 5], [1, 2, 3, 4])
-    assert result["win_rate"] == pytest.approx(0.625), f"win rate: expected 0.625, got {result['win_rate']}"
-    assert result["tie_rate"] == pytest.approx(0.25), f"tie rate: expected 0.25, got {result['tie_rate']}"
-    assert result["win_rate_excl_ties"] == pytest.approx(2 / 3), "win rate excluding ties: expected 2/3"
-    assert result["pairs"] == 4
-
-
-def test_win_rate_pairs_answer_j_with_answer_j_and_counts_float_ties():
-    # (S=2, N=2) arrays are paired elementwise, not all against all; 0.1 + 0.2 vs 0.3 is a tie
-    a = np.array([[0.1 + 0.2, 1.0], [2.0, 0.0]])
-    b = np.array([[0.3, 0.0], [1.0, 5.0]])
-    result = stats.win_rate(a, b)
-    assert result["tie_rate"] == pytest.approx(0.25), "0.1 + 0.2 vs 0.3 must count as a tie"
-    assert result["win_rate"] == pytest.approx((2 + 0.5) / 4)
-    all_ties = stats.win_rate([1.0, 2.0], [1.0, 2.0])
-    assert all_ties["win_rate"] == 0.5 and math.isnan(all_ties["win_rate_excl_ties"])
-    with pytest.raises(ValueError):
-        stats.win_rate([1.0, 2.0], [1.0])
-
-
-# ---------------------------------------------------------------------------------------------
-# best-of-n
-
-
-def test_best_of_n_kl_closed_form():
-    assert stats.best_of_n_kl(1) == 0.0, "best-of-1 is the policy itself: KL 0"
-    assert stats.best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
-    assert stats.best_of_n_kl(32) == pytest.approx(math.log(32) - 31 / 32)
-
-
-def test_best_of_n_expected_hand_worked():
-    rm, gold = [0.1, 0.9, 0.5], [1.0, 2.0, 3.0]
-    # n = 1: the mean, 2. n = 2: subsets {0,1} -> sample 1 (gold 2), {0,2} -> sample 2 (gold 3),
-    # {1,2} -> sample 1 (gold 2): 7/3. n = 3: the RM's favourite, sample 1: gold 2.
-    for n, expected in ((1, 2.0), (2, 7 / 3), (3, 2.0)):
-        got = stats.best_of_n_expected(rm, gold, n)
-        assert got == pytest.approx(expected), f"best-of-{n}: expected {expected}, got {got}"
-    with pytest.raises(ValueError):
-        stats.best_of_n_expected(rm, gold, 4)
-
-
-def test_best_of_n_expected_matches_enumerating_every_subset():
-    rng = random.Random(0)
-    N = 7
-    rm = [rng.gauss(0, 1) for _ in range(N)]
-    gold = [rng.uniform(0, 8) for _ in range(N)]
-    for n in range(1, N + 1):
-        picks = [gold[max(subset, key=lambda i: rm[i])] for subset in itertools.combinations(range(N), n)]
-        expected = sum(picks) / len(picks)
-        got = stats.best_of_n_expected(rm, gold, n)
-        assert got == pytest.approx(expected, abs=1e-12), f"best-of-{n} of {N}: expected {expected}, got {got}"
-
-
-def test_kl_regularised_optimum_hand_worked():
-    # scores (0, ln 3), beta 1: weights 1/4, 3/4. Values (1, 2): E = 1.75; KL = 1/4 ln(1/2) + 3/4 ln(3/2);
-    # sample 1 beats an SFT sample with 1/2 (tie) * 1/2 = 1/4, sample 2 with (1 + 1/2) / 2 = 3/4: 5/8.
-    value, kl, win = stats.kl_regularised_optimum([0.0, math.log(3)], [1.0, 2.0], beta=1.0)
-    assert value == pytest.approx(1.75)
-    assert kl == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
-    assert win == pytest.approx(0.625)
-
-
-def test_kl_regularised_optimum_limits_and_a_plain_loop():
-    rng = random.Random(1)
-    N = 6
-    scores = [rng.gauss(0, 1) for _ in range(N)]
-    values = [float(rng.randint(0, 3)) for _ in range(N)]   # small integers: ties happen
-    # beta -> infinity: the SFT policy itself (uniform weights): the mean, KL 0, win rate 1/2 against itself
-    value, kl, win = stats.kl_regularised_optimum(scores, values, beta=1e9)
-    assert value == pytest.approx(sum(values) / N) and kl == pytest.approx(0.0, abs=1e-9) and win == pytest.approx(0.5)
-    # beta -> 0: all weight on the top-scoring sample: KL log N
-    value, kl, _ = stats.kl_regularised_optimum(scores, values, beta=1e-6)
-    assert value == values[scores.index(max(scores))] and kl == pytest.approx(math.log(N))
-    # any beta, against a plain loop
-    for beta in (0.3, 1.0, 2.0):
-        weights = [math.exp(x / beta) for x in scores]
-        weights = [w / sum(weights) for w in weights]
-        kl_loop = sum(w * math.log(N * w) for w in weights)
-        win_loop = 0.0
-        for i in range(N):
-            for j in range(N):
-                win_loop += weights[i] / N * (1.0 if values[i] > values[j] else 0.5 if values[i] == values[j] else 0.0)
-        value, kl, win = stats.kl_regularised_optimum(scores, values, beta)
-        assert value == pytest.approx(sum(w * v for w, v in zip(weights, values)))
-        assert kl == pytest.approx(kl_loop) and win == pytest.approx(win_loop)
-
-
-# ---------------------------------------------------------------------------------------------
-# Gao et al.'s fits
-
-
-def test_fit_gao_recovers_known_parameters():
-    d = np.array([0.0, 0.4, 0.9, 1.3, 2.0, 2.6])
-    bon = d * (0.8 - 0.3 * d)
-    fit = stats.fit_gao(d, bon, "bon")
-    assert fit["alpha"] == pytest.approx(0.8) and fit["beta"] == pytest.approx(0.3), f"best-of-n fit: {fit}"
-    assert fit["r2"] == pytest.approx(1.0)
-    log_d = np.array([0.0] + [math.log(x) for x in d[1:]])  # d log d -> 0 at d = 0
-    rl = d * (1.1 - 0.5 * log_d)
-    fit = stats.fit_gao(d, rl, "rl")
-    assert fit["alpha"] == pytest.approx(1.1) and fit["beta"] == pytest.approx(0.5), f"RL fit: {fit}"
-    assert np.allclose(stats.gao_curve(fit, d, "rl"), rl), "gao_curve must give back the fitted values"
-
-
-def test_fit_gao_r2_against_plain_formula_and_too_few_points():
-    d = [0.0, 1.0, 2.0, 3.0]
-    gain = [0.0, 1.0, 1.0, 0.5]
-    fit = stats.fit_gao(d, gain, "bon")
-    predicted = [x * (fit["alpha"] - fit["beta"] * x) for x in d]
-    mean = sum(gain) / len(gain)
-    r2 = 1 - sum((g - p) ** 2 for g, p in zip(gain, predicted)) / sum((g - mean) ** 2 for g in gain)
-    assert fit["r2"] == pytest.approx(r2), f"R^2: expected {r2}, got {fit['r2']}"
-    assert 0 < fit["r2"] < 1
-    assert stats.fit_gao([0.0, 1.0], [0.0, 1.0], "rl") is None, "two points cannot judge a two-parameter fit"
-    with pytest.raises(ValueError):
-        stats.fit_gao(d, gain, "ppo")
-
-
-def test_ppo_trajectory_prefers_held_out_keys_then_falls_back(tmp_path):
-    path = tmp_path / "ppo_metrics.jsonl"
-    assert evaluate.ppo_trajectory(str(path)) is None, "no metrics file: no trajectory"
-    with MetricsLogger(path) as log:
-        log.log(1, **{"objective/kl": 0.5, "objective/gold": 3.0, "objective/scores": 0.2})
-        log.log(2, **{"objective/kl": 1.5, "objective/gold": 3.5, "objective/scores": 0.6})
-    trajectory = evaluate.ppo_trajectory(str(path))
-    assert trajectory["source"].startswith("objective") and trajectory["kl"] == [0.5, 1.5]
-    assert trajectory["rm"] == [0.2, 0.6]
-    with MetricsLogger(path, append=True) as log:
-        log.log(2, **{"eval/kl": 1.2, "eval/gold": 3.4, "eval/rm": 0.5})
-    trajectory = evaluate.ppo_trajectory(str(path))
-    assert trajectory["source"].startswith("eval") and trajectory["gold"] == [3.4] and trajectory["step"] == [2]
-
-
-def test_rm_against_gold_on_a_models_own_samples_hand_worked():
-    """Two prompts x 3 samples. Gold orders each prompt's samples; the RM gets prompt 1 right and
-    prompt 2 half wrong. Pairs with equal gold scores are not counted."""
-    prompts = ["what does a cow eat?", "praise the dog."]
-    texts = [["A cow eats grass.", "The dog is kind, brave and gentle."],        # gold 8, 8
-             ["A cow eats hay.", "The dog is kind."],                             # gold 5, 6
-             ["A cow eats hay.", "The dog is kind and brave."]]                   # gold 5 (= sample 1), 7
-    S, N = 3, 2
-    gold = np.array([[labeler.score(p, texts[j][i]).total for i, p in enumerate(prompts)] for j in range(S)])
-    assert gold[0, 0] > gold[1, 0] == gold[2, 0], "prompt 1: the right fact first, then two equal wrong ones"
-    assert gold[0, 1] > gold[2, 1] > gold[1, 1], "prompt 2: more kind words score higher"
-    answers = evaluate.Answers(texts=texts, ended=np.ones((S, N), bool), gold=gold, parts={}, length=np.ones((S, N)),
-                               kl=None, greedy_texts=[], greedy_ended=np.ones(N, bool), greedy_gold=np.zeros(N),
-                               greedy_parts={})
-    # prompt 1: RM puts the right answer first (2 counted pairs, both right; the tied pair is not counted)
-    # prompt 2: RM order 1 > 2 > 0 against gold 0 > 2 > 1: pairs (0,1) wrong, (0,2) wrong, (1,2) wrong
-    answers.rm = np.array([[2.0, 0.0], [1.0, 2.0], [0.5, 1.0]])
-    report = evaluate.rm_against_gold(answers, prompts)
-    assert report["rm/gold_accuracy/facts"] == 1.0
-    assert report["rm/gold_accuracy/kindness"] == 0.0
-    assert report["rm/gold_accuracy"] == pytest.approx(2 / 5)
-    assert report["rm/gold_accuracy/correctness"] == pytest.approx(2 / 5), "every counted pair differs in `correct`"
-    assert "rm/gold_accuracy/form" not in report, "no counted pair is equally correct"
-    assert report["rm/gold_top_choice"] == pytest.approx(1 / 2)
-    assert "rm/gold_accuracy/all" not in report
-
-
-def test_side_by_side_prompts_take_the_families_in_turn():
-    prompts = ["what does a cow eat?", "what does a dog eat?", "what is 3 plus 4?", "praise the dog.",
-               "what is 4 minus 1?"]
-    chosen = evaluate.side_by_side_prompts(prompts, 3)
-    assert chosen == [0, 2, 3], f"one prompt per family first, got {chosen}"
-    assert sorted(evaluate.side_by_side_prompts(prompts, 10)) == list(range(5))
-
-
-# ---------------------------------------------------------------------------------------------
-# KL to SFT
-
-
-def toy_tokenizer(folder) -> Tokenizer:
-    rng = random.Random(0)
-    tasks = world.all_tasks()
-    text = " ".join(t.prompt + " " + world.good_response(t, rng) for t in rng.sample(tasks, 300))
-    save_ranks(train_bpe(text, 300), os.path.join(folder, "tokenizer.tiktoken"))
-    return Tokenizer.from_file(os.path.join(folder, "tokenizer.tiktoken"))
-
-
-def toy_gpt(tokenizer, seed) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=96, n_layer=1, n_head=2, d_model=32)).eval()
-
-
-def test_sequence_kl_matches_a_plain_forward_per_row(tmp_path):
-    tokenizer = toy_tokenizer(tmp_path)
-    policy, reference = toy_gpt(tokenizer, 1), toy_gpt(tokenizer, 2)
-    prompts = [render_chat(tokenizer, p) for p in ("what does a cow eat?", "praise the dog.", "what is 3 plus 4?")]
-    temperature = 0.7
-    generation = generate(policy, prompts, max_new_tokens=12, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                          temperature=temperature, generator=torch.Generator().manual_seed(0))
-    got = evaluate.sequence_kl(reference, generation, temperature)
-
-    for row, prompt in enumerate(prompts):
-        response = [t for t, keep in zip(generation.response_ids[row].tolist(), generation.response_mask[row].tolist())
-                    if keep]
-        ids = torch.tensor([prompt + response])  # the row alone: no padding, no mask
-        expected = 0.0
-        with torch.no_grad():
-            logits_policy = policy(ids).logits[0] / temperature
-            logits_reference = reference(ids).logits[0] / temperature
-        for t, token in enumerate(response):
-            position = len(prompt) - 1 + t  # the logits that predict response token t
-            expected += (torch.log_softmax(logits_policy[position], -1)[token]
-                         - torch.log_softmax(logits_reference[position], -1)[token]).item()
-        assert got[row].item() == pytest.approx(expected, abs=1e-4), f"row {row}: KL {got[row].item()} != {expected}"
-    to_itself = evaluate.sequence_kl(policy, generation, temperature)
-    assert to_itself.abs().max().item() < 1e-4, f"the sampler's KL to itself must be ~0, got {to_itself}"
-
-
-# ---------------------------------------------------------------------------------------------
-# the script
 
 
 @pytest.fixture(scope="module")

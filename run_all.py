@@ -29,7 +29,8 @@ process.
 A stage whose output already exists is skipped (so an interrupted run continues where it stopped),
 unless --force or --from-stage says otherwise; once a stage runs, every later stage runs too,
 because its input has changed (the methods after the RM depend on it, not on each other). The first stage that fails stops the pipeline, and its error is
-repeated at the end. Every stage's full output is also kept in OUT_DIR/logs/<stage>.log.
+repeated at the end. Every stage's full output is also kept in OUT_DIR/logs/<stage>.log, appended
+after a header line with the date and the command: an earlier run's log is never overwritten.
 """
 
 from __future__ import annotations
@@ -151,9 +152,10 @@ def run_stage(stage: Stage, cfg) -> None:
     last_line = ""
     # PYTHONUNBUFFERED: the child's prints reach us (and the screen) as they happen, not in 8 kB chunks
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "w", encoding="utf-8") as log, \
+    with open(log_path, "a", encoding="utf-8") as log, \
             subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, errors="replace") as process:  # same working directory: same relative paths
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")   # below the earlier runs'
         for line in process.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()

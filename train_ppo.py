@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minirlhf.checkpoint import load_checkpoint, load_policy, save_checkpoint
-from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
-from minirlhf.data import evenly_spaced, random_windows, read_prompts
+from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
+from minirlhf.data import evenly_spaced, random_windows, read_prompts, read_text
 from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.losses import AdaptiveKLController, FixedKLController
 from minirlhf.metrics import MetricsLogger, read_metrics
@@ -75,7 +75,7 @@ class PPOConfig:
     batch_size: int = field(default=64, metadata={"help": "prompts (one response each) per rollout", "min": 1})
     num_minibatches: int = field(default=4, metadata={"help": "minibatches per PPO epoch", "min": 1})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch", "min": 1})
-    lr: float = field(default=1e-4, metadata={"help": "policy learning rate (AdamW)", "min": 0.0})
+    lr: float = field(default=1e-4, metadata={"help": "policy learning rate (AdamW)", "above": 0.0})
     value_lr: float = field(default=2e-4, metadata={"help": "critic learning rate (AdamW)", "min": 0.0})
     critic_freeze_layers: int = field(default=2, metadata={"help": "freeze the critic's embeddings and lowest N blocks "
                                                                    "(a cheaper backward pass; 0: train all)", "min": 0})
@@ -137,8 +137,7 @@ def pretraining_batches(cfg: PPOConfig, tokenizer: Tokenizer, runtime, generator
     path = os.path.join(cfg.data_dir, "corpus.txt")
     if not os.path.exists(path):
         raise UserError(f"{path}: file not found (--ptx-coef needs the pretraining corpus; run data/prepare.py)")
-    with open(path, encoding="utf-8") as f:
-        tokens = torch.tensor(tokenizer.encode(f.read(), allow_special=True), dtype=torch.long)
+    tokens = torch.tensor(tokenizer.encode(read_text(path), allow_special=True), dtype=torch.long)
     if len(tokens) <= cfg.ptx_seq_len + 1:
         raise UserError(f"{path}: corpus too small for --ptx-seq-len {cfg.ptx_seq_len}")
 
@@ -254,6 +253,8 @@ def main() -> None:
     if longest + cfg.max_new_tokens > policy.config.block_size:
         raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
                         f"the model's block_size {policy.config.block_size}")
+    if runtime.is_main:
+        make_out_dir(cfg.out_dir)   # a file, or read-only: one line now, not at the first save
     rng = runtime.cpu_generator(cfg.seed)            # prompt order, minibatches, ptx: the same on every rank
     sample_generator = runtime.generator(cfg.seed)   # the policy's sampling: each rank its own dice
     ptx_batch = pretraining_batches(cfg, tokenizer, runtime, rng)
@@ -262,6 +263,7 @@ def main() -> None:
     out_path = os.path.join(cfg.out_dir, "ppo.pt")
     metrics_path = os.path.join(cfg.out_dir, "ppo_metrics.jsonl")
     start_update, gold_normaliser, baseline = 0, None, {}
+    prompt_order: list[int] = []   # the prompts of this pass over the file not drawn yet (indices)
     if cfg.resume:
         ckpt = load_checkpoint(out_path, kind="ppo", tokenizer_identity=tokenizer.identity)
         policy.load_state_dict(ckpt["model"])
@@ -270,6 +272,7 @@ def main() -> None:
         value_optimizer.load_state_dict(ckpt["value_optimizer"])
         kl_controller.value = float(ckpt["kl_coef"])
         rng.set_state(ckpt["rng_state"])
+        prompt_order = list(ckpt.get("prompt_order", []))   # the rest of this pass (older checkpoints: reshuffled)
         restore_sample_generator(sample_generator, ckpt, runtime)
         start_update = ckpt["step"]
         gold_normaliser = tuple(ckpt["gold_normaliser"]) if ckpt.get("gold_normaliser") else None
@@ -297,8 +300,8 @@ def main() -> None:
                         metrics={**summary, **baseline}, value_model=critic.state_dict(),
                         value_model_config=asdict(critic.config), policy_optimizer=policy_optimizer.state_dict(),
                         value_optimizer=value_optimizer.state_dict(), kl_coef=float(kl_controller.value),
-                        rng_state=rng.get_state(), sample_rng_state=sample_rng_states[0],   # (older readers)
-                        sample_rng_states=sample_rng_states,
+                        rng_state=rng.get_state(), prompt_order=list(prompt_order),
+                        sample_rng_state=sample_rng_states[0], sample_rng_states=sample_rng_states,   # (older readers: one)
                         gold_normaliser=list(gold_normaliser) if gold_normaliser else None, reward=cfg.reward)
 
     # ---- the loop
@@ -308,10 +311,10 @@ def main() -> None:
         print(f"data parallel: {runtime.world_size} processes x {cfg.batch_size // runtime.world_size} prompts "
               f"({runtime.device}, {runtime.dtype})")
     progress = Progress(cfg.total_updates, desc="ppo", every=1, start=start_update)
-    prompt_order: list[int] = []
     start = time.time()
     summary: dict = {}
-    with MetricsLogger(metrics_path, append=cfg.resume, enabled=runtime.is_main) as log:
+    with MetricsLogger(metrics_path, resume_step=start_update if cfg.resume else None,
+                       enabled=runtime.is_main) as log:
         if start_update == 0 and eval_prompts:
             log.log(0, **evaluate(0))
         for update in range(start_update, cfg.total_updates):
@@ -385,6 +388,7 @@ def main() -> None:
                          kl=record["objective/kl"], beta=kl_coef, clipfrac=record["policy/clipfrac"])
             summary = {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             if step % cfg.save_every == 0 or step == cfg.total_updates:
+                log.commit()   # the metrics first: a stop during the save leaves them ahead, never behind
                 save(step, summary)
 
     minutes = (time.time() - start) / 60

@@ -6,11 +6,17 @@ Every stage writes `out/<stage>_metrics.jsonl`:
     {"step": 2, "loss/sft": 3.97, "lr": 6e-05}
     {"step": 100, "loss/sft": 1.93, "eval/loss": null}     <- NaN is written as null
 
-JSONL (JSON Lines) because it is appendable (a resumed run adds lines), survives a crash (every
-line is flushed when written, so at most the last line is cut short), and every tool reads it:
-`read_metrics` here, `pandas.read_json(path, lines=True)`, `jq`. JSON has no NaN or Infinity, so a
-non-finite number is written as `null`: a diverged loss is visible as a gap, and the file stays
-valid JSON for every reader.
+JSONL (JSON Lines) because every tool reads it: `read_metrics` here,
+`pandas.read_json(path, lines=True)`, `jq`. JSON has no NaN or Infinity, so a non-finite number is
+written as `null`: a diverged loss is visible as a gap, and the file stays valid JSON for every
+reader.
+
+The file goes with the checkpoint beside it. A run keeps its lines in memory and writes the whole
+file atomically (a temporary file, then a rename) at each `commit()`: just BEFORE each checkpoint
+save, and at the end. So a run that stops - a NaN, a crash, Ctrl-C, `kill -9` - leaves the file as
+it was at its last commit: never the previous run's lines half replaced, and never behind the
+checkpoint (at most one save interval ahead of it, if it stopped during the save). A `--resume`d
+run keeps the lines up to its checkpoint's step and drops the rest: they are logged again.
 """
 
 from __future__ import annotations
@@ -24,38 +30,44 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from minirlhf.checkpoint import atomic_write
 from minirlhf.cli import UserError
 
 __all__ = ["MetricsLogger", "read_metrics", "ema", "pearson_r", "spearman_rho"]
 
 
 class MetricsLogger:
-    """Append one JSON object per `log(step, **metrics)` call to a JSONL file.
+    """One JSON object per `log(step, **metrics)` call, written to a JSONL file by `commit()`.
 
         with MetricsLogger("out/sft_metrics.jsonl") as metrics:
-            metrics.log(step, **{"loss/sft": loss, "lr": lr})
+            for step in ...:
+                metrics.log(step, **{"loss/sft": loss, "lr": lr})
+                if step % save_every == 0:
+                    metrics.commit()          # first the metrics up to this step,
+                    save_checkpoint(...)      # then the checkpoint they belong to
+        # leaving the block without an error commits the last lines; an error commits nothing
 
     Values may be Python numbers, bools, strings, None, NumPy scalars or one-element tensors
     (converted with `.item()`, which syncs a GPU: log at intervals, not every step, on CUDA).
-    NaN and +-Inf are written as `null`. Each line is flushed as soon as it is written.
+    NaN and +-Inf are written as `null`.
 
     Args:
-        path: the JSONL file; its directory is created.
-        append: keep the existing lines (a `--resume`d run) instead of starting the file afresh.
-        enabled: False makes `log` write nothing (data-parallel ranks other than 0: one writer).
+        path: the JSONL file; its directory is created at the first commit.
+        resume_step: a `--resume`d run: keep the file's lines up to this step (the checkpoint's)
+            and drop later ones; None: a fresh run, which replaces the file at its first commit.
+        enabled: False makes `log` and `commit` write nothing (data-parallel ranks other than 0).
     """
 
-    def __init__(self, path: str | os.PathLike, append: bool = False, enabled: bool = True):
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
-        self._file = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a" if append else "w", encoding="utf-8")
+        self._lines: list[str] = []
+        if enabled and resume_step is not None and self.path.exists():
+            self._lines = [_json_line(record) for record in read_metrics(self.path) if record["step"] <= resume_step]
         self._closed = False
 
     def log(self, step: int, /, **metrics) -> dict[str, Any]:
-        """Write `{"step": step, **metrics}` as one line; returns the record as written."""
+        """Add `{"step": step, **metrics}` as one line; returns the record as written."""
         if self._closed:
             raise ValueError(f"MetricsLogger for {self.path} is closed")
         if "step" in metrics:
@@ -63,24 +75,35 @@ class MetricsLogger:
         record = {"step": int(step)}
         for name, value in metrics.items():
             record[name] = _json_value(value, name)
-        if not self.enabled:
-            return record
-        # allow_nan=False: a NaN that slipped through would make the file invalid JSON for other tools
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        if self.enabled:
+            self._lines.append(_json_line(record))
         return record
 
+    def commit(self) -> None:
+        """Write every line so far to the file, atomically (readers see the old file or the new)."""
+        if self.enabled:
+            with atomic_write(self.path, "w") as f:
+                f.writelines(self._lines)
+
     def close(self) -> None:
-        self._closed = True
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Commit, then refuse further lines."""
+        if not self._closed:
+            self.commit()
+            self._closed = True
 
     def __enter__(self) -> "MetricsLogger":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._closed = True   # an error: the file stays as at the last commit, with its checkpoint
+
+
+def _json_line(record: dict) -> str:
+    # allow_nan=False: a NaN that slipped through would make the file invalid JSON for other tools
+    return json.dumps(record, allow_nan=False) + "\n"
 
 
 def _json_value(value, name: str):

@@ -51,26 +51,57 @@ def test_nan_and_inf_are_written_as_null(tmp_path):
     assert read_metrics(path) == [{"step": 1, "loss": None, "kl": None, "reward": None, "ok": 1.0}]
 
 
-def test_each_line_is_flushed(tmp_path):
-    path = tmp_path / "m.jsonl"
-    metrics = MetricsLogger(path)
-    metrics.log(1, loss=1.0)
-    assert read_metrics(path) == [{"step": 1, "loss": 1.0}], "the line must be on disk before close()"
-    metrics.close()
-    with pytest.raises(ValueError, match="closed"):
-        metrics.log(2, loss=1.0)
-
-
-def test_append_keeps_and_default_truncates(tmp_path):
+def test_lines_reach_the_file_at_commit_and_replace_it_whole(tmp_path):
+    """The file goes with a checkpoint: an earlier run's file stays whole until the new run commits
+    (just before its first save), and a run that stops with an error commits nothing."""
     path = tmp_path / "m.jsonl"
     with MetricsLogger(path) as metrics:
         metrics.log(1, loss=1.0)
-    with MetricsLogger(path, append=True) as metrics:
         metrics.log(2, loss=0.5)
+    earlier = path.read_bytes()
+
+    metrics = MetricsLogger(path)
+    metrics.log(1, loss=3.0)
+    assert path.read_bytes() == earlier, "a fresh run must not touch the file before its first commit"
+    metrics.commit()
+    assert read_metrics(path) == [{"step": 1, "loss": 3.0}], "a commit replaces the file with this run's lines"
+    metrics.log(2, loss=2.0)
+    metrics.close()   # close commits
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    with pytest.raises(ValueError, match="closed"):
+        metrics.log(3, loss=1.0)
+
+    with pytest.raises(RuntimeError, match="diverged"):
+        with MetricsLogger(path) as metrics:
+            metrics.log(1, loss=float("nan"))
+            raise RuntimeError("diverged")
+    assert [r["step"] for r in read_metrics(path)] == [1, 2], "a failed run left the earlier file as it was"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.jsonl"], "no temporary file left behind"
+
+
+def test_resume_keeps_the_lines_up_to_the_checkpoint(tmp_path):
+    """A run interrupted at step 5 with its checkpoint at step 3 logged 4 and 5 already: the resumed
+    run drops them (it logs them again), keeping the earlier lines byte for byte."""
+    path = tmp_path / "m.jsonl"
     with MetricsLogger(path) as metrics:
-        metrics.log(1, loss=3.0)
-    assert read_metrics(path) == [{"step": 1, "loss": 3.0}], "a fresh run starts the file afresh"
+        for step in range(6):
+            metrics.log(step, loss=1.0 / (step + 1), note="x")
+    kept_bytes = b"".join(path.read_bytes().splitlines(keepends=True)[:4])
+    with MetricsLogger(path, resume_step=3) as metrics:
+        metrics.log(4, loss=9.0)
+    assert path.read_bytes().startswith(kept_bytes)
+    assert [r["step"] for r in read_metrics(path)] == [0, 1, 2, 3, 4]
+    assert read_metrics(path)[-1] == {"step": 4, "loss": 9.0}
+    with MetricsLogger(tmp_path / "missing.jsonl", resume_step=3) as metrics:   # no file: nothing to keep
+        metrics.log(4, loss=1.0)
+    assert read_metrics(tmp_path / "missing.jsonl") == [{"step": 4, "loss": 1.0}]
+
+
+def test_a_disabled_logger_writes_nothing(tmp_path):
+    with MetricsLogger(tmp_path / "m.jsonl", enabled=False) as metrics:   # a rank other than 0
+        metrics.log(1, loss=1.0)
+        metrics.commit()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_logger_rejects_what_is_not_a_metric(tmp_path):

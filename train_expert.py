@@ -45,9 +45,9 @@ from minirlhf import labeling
 from minirlhf.checkpoint import load_policy, save_checkpoint
 from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, read_prompts, sft_batch
+from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.plots import plot_curves
-from minirlhf.ppo import evaluate_policy
 from minirlhf.reward import load_reward_model
 from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
@@ -157,28 +157,18 @@ def main() -> None:
     train_policy = runtime.wrap(policy)   # DDP under torchrun: backward averages the gradients over ranks
     baseline: dict = {}
 
-    def evaluate(step: int) -> dict:
-        """The gold labeler on held-out samples, as PPO logs it; gains relative to step 0 (the SFT policy)."""
-        if not eval_prompts:
-            return {}
-        result = evaluate_policy(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=EVAL_TEMPERATURE,
-                                 generator=runtime.generator(cfg.seed), batch_size=EVAL_BATCH_SIZE, runtime=runtime)
-        if not baseline:
-            baseline.update({"sft/gold": result["eval/gold"], "sft/gold_sd": result["eval/gold_sd"]})
-        result["eval/gold_gain_sd"] = (result["eval/gold"] - baseline["sft/gold"]) / max(baseline["sft/gold_sd"], 1e-6)
-        print(f"  [eval {step}] gold {result['eval/gold']:.3f} ({result['eval/gold_gain_sd']:+.2f} SFT sd) | "
-              f"kl {result['eval/kl']:.2f} | eos {result['eval/eos_rate']:.2f} | "
-              f"len {result['eval/response_length']:.1f}")
-        return result
+    # evaluate(step): the gold labeler on held-out samples, as PPO logs it; gains relative to step 0 (SFT)
+    evaluate = HeldOutEvaluation(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=EVAL_TEMPERATURE, seed=cfg.seed,
+                                 batch_size=EVAL_BATCH_SIZE, runtime=runtime, reward_scorer=scorer, baseline=baseline)
 
     metrics_path = os.path.join(cfg.out_dir, "expert_metrics.jsonl")
     start = time.time()
     step, record, last_eval = 0, {}, {}
     with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
-        last_eval = evaluate(0)
+        last_eval = evaluate(0)   # the SFT policy itself: the baseline
         if last_eval:
-            log.log(0, **{k: v for k, v in last_eval.items() if k != "samples"})
+            log.log(0, **last_eval)
         for round_ in range(cfg.rounds):
             # ---- 1-2. sample n per prompt from the current policy, keep the RM's favourite
             round_prompts = labeling.cycle_prompts(prompts, cfg.prompts_per_round, rng)
@@ -223,7 +213,7 @@ def main() -> None:
                     record.update(selected)
                 if round_step == round_steps - 1:
                     last_eval = evaluate(step)
-                    record.update({k: v for k, v in last_eval.items() if k != "samples"})
+                    record.update(last_eval)
                 log.log(step, **record)
                 progress.log(round_step + 1, loss=record["loss/train"])
 
@@ -244,7 +234,7 @@ def main() -> None:
         {"keys": ["eval/kl"], "title": "KL(policy || SFT) per held-out response", "ylabel": "nats", "smooth": False},
     ], curves, title=f"Expert iteration ({cfg.rounds} rounds of best-of-{cfg.n})")
     if last_eval:
-        for prompt, text, gold in last_eval["samples"][:3]:
+        for prompt, text, gold in evaluate.samples[:3]:   # the last evaluation's
             print(f"  [sample] {prompt!r} -> {text!r} | gold {gold:.2f}")
         print(f"held-out gold: SFT {baseline['sft/gold']:.3f} -> expert iteration {summary['eval/gold']:.3f} "
               f"({summary['eval/gold_gain_sd']:+.2f} SFT standard deviations), KL {summary['eval/kl']:.2f} nats")

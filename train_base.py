@@ -11,6 +11,9 @@ and followed instructions badly.
 CPU:  python train_base.py                      (preset tiny, ~2.5 minutes on 2 cores)
       python train_base.py --preset smoke       (seconds; for tests)
 GPU:  python train_base.py --preset medium --device cuda     (bf16 by default on a GPU)
+Resume an interrupted run:  python train_base.py --resume   (same flags as the first run: base.pt is
+      written every --save-every steps with the optimizer and the data dice, and the run continues
+      from there exactly as if it had not stopped; the metrics after that step are logged again)
 Several processes (data parallel): torchrun --standalone --nproc_per_node=2 train_base.py --preset smoke
       Every rank draws the same global batch of --batch-size windows and trains on its own slice;
       DDP averages the gradients, so N ranks make the same update as one process (up to float error).
@@ -24,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from minirlhf.checkpoint import save_checkpoint
-from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
-from minirlhf.data import random_windows, read_prompts
+from minirlhf.checkpoint import load_resume_checkpoint, save_checkpoint
+from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
+from minirlhf.data import random_windows, read_prompts, read_text
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.model import GPT, MODEL_PRESETS, GPTConfig
 from minirlhf.plots import plot_curves
@@ -48,14 +51,17 @@ class BaseConfig:
     max_steps: int = field(default=360, metadata={"help": "optimizer steps", "min": 1})
     batch_size: int = field(default=16, metadata={"help": "sequences per step", "min": 1})
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence", "min": 8})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)", "min": 0.0})
-    min_lr: float = field(default=2e-4, metadata={"help": "learning rate at the end of the cosine decay", "min": 0.0})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)", "above": 0.0})
+    min_lr: float = field(default=2e-4, metadata={"help": "learning rate at the end of the cosine decay (<= --lr)",
+                                                  "min": 0.0})
     warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps", "min": 0})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on 2-D weights", "min": 0.0})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
     eval_every: int = field(default=100, metadata={"help": "held-out loss every N steps", "min": 1})
     eval_batches: int = field(default=8, metadata={"help": "batches per held-out loss", "min": 1})
     sample_every: int = field(default=200, metadata={"help": "print samples every N steps", "min": 1})
+    save_every: int = field(default=100, metadata={"help": "write base.pt every N steps (and at the end)", "min": 1})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/base.pt"})
     n_layer: int = field(default=0, metadata={"help": "transformer blocks (0: the preset's)", "min": 0})
     d_model: int = field(default=0, metadata={"help": "width (0: the preset's)", "min": 0})
     n_head: int = field(default=0, metadata={"help": "attention heads (0: the preset's)", "min": 0})
@@ -63,14 +69,18 @@ class BaseConfig:
                                                    "choices": ["auto", "reference"]})
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
 
+    def __post_init__(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would decay upwards")
+
 
 PRESETS = {
     "smoke": dict(max_steps=30, batch_size=8, seq_len=64, eval_every=15, eval_batches=2, sample_every=30,
-                  warmup_steps=5),
+                  warmup_steps=5, save_every=10),
     "tiny": {},
-    "medium": dict(max_steps=1500, batch_size=32, seq_len=128, eval_every=250, sample_every=500),
+    "medium": dict(max_steps=1500, batch_size=32, seq_len=128, eval_every=250, sample_every=500, save_every=250),
     "small": dict(max_steps=5000, batch_size=64, seq_len=256, lr=6e-4, min_lr=6e-5, warmup_steps=200,
-                  eval_every=250, sample_every=1000),
+                  eval_every=250, sample_every=1000, save_every=500),
 }
 SAMPLE_PROMPTS = 3
 
@@ -107,10 +117,7 @@ def main() -> None:
     # ---- data: one token stream; the last 5% held out
     tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
     corpus_path = os.path.join(cfg.data_dir, "corpus.txt")
-    if not os.path.exists(corpus_path):
-        raise UserError(f"{corpus_path}: file not found (run python data/prepare.py first)")
-    with open(corpus_path, encoding="utf-8") as f:
-        tokens = torch.tensor(tokenizer.encode(f.read(), allow_special=True), dtype=torch.long)
+    tokens = torch.tensor(tokenizer.encode(read_text(corpus_path), allow_special=True), dtype=torch.long)
     split = int(0.95 * len(tokens))
     train_tokens, val_tokens = tokens[:split], tokens[split:]
     if len(val_tokens) <= cfg.seq_len + 1:
@@ -130,15 +137,36 @@ def main() -> None:
           f"{runtime.device}, {runtime.dtype}, {runtime.world_size} process(es)")
 
     if runtime.is_main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        make_out_dir(cfg.out_dir)
+    out_path = os.path.join(cfg.out_dir, "base.pt")
     metrics_path = os.path.join(cfg.out_dir, "base_metrics.jsonl")
     generator = runtime.cpu_generator(cfg.seed)            # which windows of the (CPU) token stream
     eval_generator = runtime.cpu_generator(cfg.seed + 1)
-    progress = Progress(cfg.max_steps, desc="base")
+
+    def save(step: int, summary: dict) -> None:
+        """base.pt: at the end, and every --save-every steps with what --resume needs besides."""
+        resume_state = {} if step == cfg.max_steps else dict(
+            optimizer=optimizer.state_dict(), data_rng_state=generator.get_state(),
+            eval_rng_state=eval_generator.get_state())
+        save_checkpoint(out_path, kind="base", model_state=model.state_dict(), model_config=asdict(config),
+                        tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step,
+                        metrics=summary, **resume_state)
+
+    start_step = 0
+    if cfg.resume:   # the weights, the optimizer and the dice as they were at the interrupted run's last save
+        ckpt = load_resume_checkpoint(out_path, kind="base", tokenizer_identity=tokenizer.identity,
+                                      total_steps=cfg.max_steps, model_config=config, train_config=cfg)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["data_rng_state"])
+        eval_generator.set_state(ckpt["eval_rng_state"])
+        start_step = ckpt["step"]
+        print(f"resumed from {out_path} at step {start_step}")
+    progress = Progress(cfg.max_steps, desc="base", start=start_step)
     start = time.time()
     val_loss = float("nan")
-    with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
-        for step in range(cfg.max_steps):
+    with MetricsLogger(metrics_path, resume_step=start_step if cfg.resume else None, enabled=runtime.is_main) as log:
+        for step in range(start_step, cfg.max_steps):
             lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -152,7 +180,7 @@ def main() -> None:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
 
-            tokens_per_s = (step + 1) * cfg.batch_size * cfg.seq_len / (time.time() - start)   # run average
+            tokens_per_s = (step + 1 - start_step) * cfg.batch_size * cfg.seq_len / (time.time() - start)   # run average
             record = runtime.mean_over_ranks({"loss/train": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
                                               "tokens_per_s": tokens_per_s})
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
@@ -166,15 +194,15 @@ def main() -> None:
                 model.train()
                 for prompt, text in zip(sample_prompts, texts):
                     print(f"  [sample] {prompt!r} -> {text!r}")
+            if runtime.is_main and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+                log.commit()   # the metrics first: a stop during the save leaves them ahead of base.pt, never behind
+                save(step + 1, {"loss/train": record["loss/train"], "loss/val": val_loss})
 
     summary = {"loss/train": record["loss/train"], "loss/val": val_loss, "minutes": (time.time() - start) / 60,
                "parameters": n_params}
     if not runtime.is_main:
         return   # rank 0 alone writes
-    out_path = os.path.join(cfg.out_dir, "base.pt")
-    save_checkpoint(out_path, kind="base", model_state=model.state_dict(), model_config=asdict(config),
-                    tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=cfg.max_steps,
-                    metrics=summary)
+    save(cfg.max_steps, summary)   # (the metrics file was written when the loop's block ended)
     curves = os.path.join(cfg.out_dir, "base_curves.png")
     plot_curves(read_metrics(metrics_path), [
         {"keys": ["loss/train", "loss/val"], "title": "next-token loss", "ylabel": "cross-entropy (nats)"},

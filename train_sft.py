@@ -12,6 +12,9 @@ perfect, which is what the reward model and PPO are for.
 CPU:  python train_sft.py                    (preset tiny, ~1 minute on 2 cores)
       python train_sft.py --preset smoke
 GPU:  python train_sft.py --preset medium --device cuda
+Resume an interrupted run:  python train_sft.py --resume   (same flags as the first run: sft.pt is
+      written every --save-every steps with the optimizer; the data order is replayed from the seed,
+      so the run continues exactly as if it had not stopped)
 Several processes (data parallel): torchrun --standalone --nproc_per_node=2 train_sft.py --preset smoke
       Each step's --batch-size demonstrations are split over the ranks; every rank divides its summed
       loss by the GLOBAL token count (/ world size, as DDP averages), so the update is one process's.
@@ -26,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from minirlhf.checkpoint import load_policy, save_checkpoint
-from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
+from minirlhf.checkpoint import load_policy, load_resume_checkpoint, save_checkpoint
+from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
 from minirlhf.data import read_prompts, read_sft, sft_batch
 from minirlhf.evaluation import gold_report
 from minirlhf.metrics import MetricsLogger, read_metrics
@@ -51,8 +54,9 @@ class SFTConfig:
     seed: int = field(default=1337, metadata={"help": "random seed"})
     epochs: int = field(default=4, metadata={"help": "passes over the demonstrations", "min": 1})
     batch_size: int = field(default=32, metadata={"help": "demonstrations per step", "min": 1})
-    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)", "min": 0.0})
-    min_lr: float = field(default=3e-5, metadata={"help": "learning rate at the end of the cosine decay", "min": 0.0})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)", "above": 0.0})
+    min_lr: float = field(default=3e-5, metadata={"help": "learning rate at the end of the cosine decay (<= --lr)",
+                                                  "min": 0.0})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps", "min": 0})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on 2-D weights", "min": 0.0})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
@@ -62,13 +66,19 @@ class SFTConfig:
     max_new_tokens: int = field(default=48, metadata={"help": "response budget when sampling", "min": 1})
     report_prompts: int = field(default=111, metadata={"help": "held-out prompts sampled at the end for the "
                                                              "gold-labeler summary (0: skip)", "min": 0})
+    save_every: int = field(default=50, metadata={"help": "write sft.pt every N steps (and at the end)", "min": 1})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/sft.pt"})
     kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
                                                    "choices": ["auto", "reference"]})
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
 
+    def __post_init__(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would decay upwards")
+
 
 PRESETS = {
-    "smoke": dict(epochs=1, batch_size=8, eval_every=5, report_prompts=8, max_new_tokens=24),
+    "smoke": dict(epochs=1, batch_size=8, eval_every=5, report_prompts=8, max_new_tokens=24, save_every=10),
     "tiny": {},
     "medium": {},
     "small": dict(epochs=3, batch_size=64, lr=1e-4, min_lr=1e-5),
@@ -130,19 +140,42 @@ def main() -> None:
           f"{total_steps} steps ({cfg.epochs} epochs)")
 
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr)
+    out_path = os.path.join(cfg.out_dir, "sft.pt")
+    start_step = 0
+    if cfg.resume:   # the weights and the optimizer as they were at the interrupted run's last save
+        ckpt = load_resume_checkpoint(out_path, kind="sft", tokenizer_identity=tokenizer.identity,
+                                      total_steps=total_steps, model_config=config, train_config=cfg)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        print(f"resumed from {out_path} at step {start_step}")
     train_model = runtime.wrap(model)   # DDP under torchrun: backward averages the gradients over ranks
     report_prompts = read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl"))[:cfg.report_prompts]
+    if runtime.is_main:
+        make_out_dir(cfg.out_dir)
     metrics_path = os.path.join(cfg.out_dir, "sft_metrics.jsonl")
+
+    def save(step: int, summary: dict) -> None:
+        """sft.pt: at the end, and every --save-every steps with the optimizer besides (--resume)."""
+        resume_state = {} if step == total_steps else {"optimizer": optimizer.state_dict()}
+        save_checkpoint(out_path, kind="sft", model_state=model.state_dict(), model_config=asdict(config),
+                        tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step,
+                        metrics=summary, **resume_state)
+
     order_rng = random.Random(cfg.seed)
-    progress = Progress(total_steps, desc="sft")
+    progress = Progress(total_steps, desc="sft", start=start_step)
     start = time.time()
     step = 0
     val_loss = held_out_loss(model, val_examples, cfg, tokenizer.pad_id, runtime) if val_examples else float("nan")
-    with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
-        log.log(0, **{"loss/val": val_loss})
+    with MetricsLogger(metrics_path, resume_step=start_step if cfg.resume else None, enabled=runtime.is_main) as log:
+        if start_step == 0:
+            log.log(0, **{"loss/val": val_loss})
         for epoch in range(cfg.epochs):
-            order_rng.shuffle(train_examples)
+            order_rng.shuffle(train_examples)   # every epoch's shuffle, a resumed run's too: the same order
             for start_index in range(0, len(train_examples), cfg.batch_size):
+                if step < start_step:   # a batch the interrupted run trained on before its last save
+                    step += 1
+                    continue
                 lr = cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -169,6 +202,9 @@ def main() -> None:
                     record["loss/val"] = val_loss
                 log.log(step, **record)
                 progress.log(step, loss=record["loss/train"], val=val_loss)
+                if runtime.is_main and step % cfg.save_every == 0 and step < total_steps:
+                    log.commit()   # the metrics first: a stop during the save leaves them ahead of sft.pt, never behind
+                    save(step, {"loss/train": record["loss/train"], "loss/val": val_loss})
 
     minutes = (time.time() - start) / 60
     summary = {"loss/train": record["loss/train"], "loss/val": val_loss, "minutes": minutes}
@@ -184,9 +220,7 @@ def main() -> None:
         for prompt, text in zip(report_prompts, texts):
             print(f"  [sample] {prompt!r} -> {text!r}")
 
-    out_path = os.path.join(cfg.out_dir, "sft.pt")
-    save_checkpoint(out_path, kind="sft", model_state=model.state_dict(), model_config=asdict(config),
-                    tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step, metrics=summary)
+    save(step, summary)   # (the metrics file was written when the loop's block ended)
     curves = os.path.join(cfg.out_dir, "sft_curves.png")
     plot_curves(read_metrics(metrics_path), [
         {"keys": ["loss/train", "loss/val"], "title": "SFT loss (response tokens only)", "ylabel": "cross-entropy (nats)"},

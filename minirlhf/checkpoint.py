@@ -54,6 +54,7 @@ __all__ = [
     "REQUIRED_FIELDS",
     "save_checkpoint",
     "load_checkpoint",
+    "load_resume_checkpoint",
     "atomic_write",
 ]
 
@@ -197,6 +198,33 @@ def load_checkpoint(
             raise UserError(f"{path} was made with another tokenizer ({_describe_tokenizer(saved)}; current: "
                             f"{_describe_tokenizer(current)}); re-run the stages from train_base.py with the "
                             "current tokenizer, or restore the tokenizer files it was made with")
+    return checkpoint
+
+
+def load_resume_checkpoint(path: str | os.PathLike, *, kind: str, tokenizer_identity, total_steps: int,
+                           model_config, train_config, needs: tuple[str, ...] = ("optimizer",)) -> dict[str, Any]:
+    """The checkpoint a `--resume`d run continues from, checked before any weight is touched.
+
+    It must be an unfinished run of this stage (`step` < `total_steps`, holding the `needs` fields
+    that only an interval save writes) with this run's model shape. The run is rebuilt from the
+    flags given now (the learning-rate schedule, the batches, the data order), so a flag that
+    differs from the interrupted run's is named in a note: the result would not be that run's.
+    """
+    checkpoint = load_checkpoint(path, kind=kind, tokenizer_identity=tokenizer_identity)
+    if checkpoint["step"] >= total_steps:
+        raise UserError(f"{path} is already at step {checkpoint['step']} of {total_steps}: that run finished, "
+                        "there is nothing to resume")
+    missing = [name for name in needs if name not in checkpoint]
+    if missing:
+        raise UserError(f"{path} holds no {', '.join(missing)} (it is not an interval save of an interrupted run): "
+                        "cannot resume from it")
+    if checkpoint["model_config"] != _as_dict(model_config):
+        raise UserError(f"{path} holds a model of another shape than this run's; resume with the flags of the run "
+                        "that wrote it")
+    current = _as_dict(train_config)
+    for name, value in checkpoint["train_config"].items():
+        if name not in ("resume", "debug") and name in current and current[name] != value:
+            print(f"note: --{name.replace('_', '-')} is {current[name]!r}, the interrupted run had {value!r}")
     return checkpoint
 
 

@@ -59,7 +59,6 @@ from dataclasses import dataclass
 import torch
 
 from minirlhf import labeler
-from minirlhf.evaluation import evaluate_policy  # noqa: F401  (moved to evaluation.py)
 from minirlhf.kernels import gae
 from minirlhf.losses import kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from minirlhf.model import GPT, ValueModel

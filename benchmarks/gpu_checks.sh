@@ -20,9 +20,12 @@
 #                   of the Triton logprob kernel (which runs its matmuls in fp32), to see what it costs
 #   bench_compile   the same in bf16 with --compile: the eager rows again, then torch.compile'd ones
 #                   (bf16 only: every compiled row costs a compilation of tens of seconds)
+#   bench_logprobs  bench_logprobs.py --device cuda: token_logprobs at 2048x256x50257 and
+#                   16384x768x50257, fp32 and bf16, fwd and fwd+bwd: plain PyTorch, the fused torch
+#                   path, torch.compile, the Triton kernel and the tiled tensor-core one (unmeasured
+#                   so far); before `medium`, which takes whatever time is left
 #   medium          run_all.py --preset medium --device cuda under /usr/bin/time -v: the wall time
 #                   and host peak memory the README needs; GPU memory sampled by nvidia-smi
-#   bench_logprobs  bench_logprobs.py --device cuda --logit-stds 16 (last: it has H100 figures already)
 #
 # Time: the steps share a budget of BUDGET_S seconds (default 560, inside a 10-minute command limit);
 # each gets min(its own cap, what is left), and a step with under 15 s left is skipped (and says so).
@@ -166,6 +169,15 @@ if wanted bench_compile; then   # bf16 only: each compiled row costs a compilati
     grep -E "$BENCH_LINES" "$WORK/bench_compile.log" 2>/dev/null | grep -E ' yes ' | sed 's/^/    /' >> "$SUMMARY"
 fi
 
+if wanted bench_logprobs; then   # 5 processes (one per implementation); torch.compile measured last
+    step bench_logprobs 240 "$PY" benchmarks/bench_logprobs.py --device cuda
+    # the final table; if the step was cut short, the rows it printed as it measured them
+    TABLE_START='^results ('
+    grep -q "$TABLE_START" "$WORK/bench_logprobs.log" 2>/dev/null || TABLE_START='^as measured'
+    { grep -E '^token_logprobs on' "$WORK/bench_logprobs.log"
+      sed -n "/$TABLE_START/,\$p" "$WORK/bench_logprobs.log"; } 2>/dev/null | sed 's/^/    /' >> "$SUMMARY"
+fi
+
 if wanted medium; then
     TIMER=()
     if [ -x /usr/bin/time ]; then
@@ -182,9 +194,4 @@ if wanted medium; then
             | sed 's/^[[:space:]]*/    medium: /' >> "$SUMMARY"
     fi
     tail -n 12 "$WORK/medium.log" 2>/dev/null | sed 's/^/    /' >> "$SUMMARY"   # run_all's table of stages
-fi
-
-if wanted bench_logprobs; then
-    step bench_logprobs 150 "$PY" benchmarks/bench_logprobs.py --device cuda --logit-stds 16
-    sed -n '/^token_logprobs:/,$p' "$WORK/bench_logprobs.log" 2>/dev/null | sed 's/^/    /' >> "$SUMMARY"
 fi

@@ -10,11 +10,14 @@ fused (torch)  vocab blocks + online log-sum-exp + a        a two-level blocked 
                custom autograd.Function that recomputes     decay matrices); log-depth scan for
                the blocks in backward (CPU default)         masks with gaps (CPU default)
 triton         forward + backward kernels (CUDA)            a tiled associative scan (CUDA)
+triton_tiled   opt-in: tensor cores, a chunked backward     (runs the triton path)
+               without atomics; speed not yet measured
 =============  ===========================================  ==========================================
 
 ``impl=None`` uses the process-wide default, `set_kernel_impl("auto" | "reference")` (the stage
 scripts' ``--kernels`` flag). ``"auto"``: Triton for CUDA tensors when Triton is importable,
-otherwise the fused torch path. Triton is optional and imported only when first needed.
+otherwise the fused torch path; never ``"triton_tiled"`` (see docs/kernels.md). Triton is optional
+and imported only when first needed.
 """
 
 from minirlhf.kernels.dispatch import (

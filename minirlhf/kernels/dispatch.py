@@ -4,7 +4,10 @@ Every kernel in `minirlhf.kernels` has three paths behind one function:
 
 - ``"reference"``: the plain, obviously correct computation (the oracle the tests compare with);
 - ``"fused"``: the fast torch path, the CPU default (it also runs on CUDA tensors);
-- ``"triton"``: hand-written Triton kernels, used for CUDA tensors when Triton is importable.
+- ``"triton"``: hand-written Triton kernels, used for CUDA tensors when Triton is importable;
+- ``"triton_tiled"``: opt-in only, never chosen by ``"auto"``: `token_logprobs` on the tensor cores
+  (`triton_tiled.py`), whose speed has not been measured yet. Kernels without such a second Triton
+  version (GAE) run their ``"triton"`` path.
 
 A call picks its path with ``impl=...``; ``impl=None`` uses the process-wide default that
 ``set_kernel_impl`` sets (the stage scripts' ``--kernels {auto,reference}`` flag calls it).
@@ -24,7 +27,7 @@ from types import ModuleType
 
 import torch
 
-KERNEL_IMPLS = ("auto", "reference", "fused", "triton")
+KERNEL_IMPLS = ("auto", "reference", "fused", "triton", "triton_tiled")
 
 _default_impl = "auto"
 _triton_module: ModuleType | None = None
@@ -35,7 +38,8 @@ def set_kernel_impl(mode: str) -> None:
     """Set the process-wide default path used when a kernel is called with ``impl=None``.
 
     ``mode`` is ``"auto"`` (Triton on CUDA when available, else fused torch) or ``"reference"``
-    (the plain implementations, for comparing); ``"fused"`` and ``"triton"`` force one path.
+    (the plain implementations, for comparing); ``"fused"``, ``"triton"`` and ``"triton_tiled"``
+    force one path.
     """
     global _default_impl
     if mode not in KERNEL_IMPLS:
@@ -77,12 +81,13 @@ def triton_kernels() -> ModuleType:
     """The Triton kernels module; a clear error if Triton can't be imported."""
     module = _load_triton_kernels()
     if module is None:
-        raise RuntimeError(f"impl='triton' was requested but {_triton_import_error}")
+        raise RuntimeError(f"a Triton path was requested but {_triton_import_error}")
     return module
 
 
 def resolve_impl(impl: str | None, tensor: torch.Tensor) -> str:
-    """Turn ``impl`` (or the default, when None) into ``"reference"``, ``"fused"`` or ``"triton"``.
+    """Turn ``impl`` (or the default, when None) into ``"reference"``, ``"fused"``, ``"triton"``
+    or ``"triton_tiled"``.
 
     ``tensor`` is one of the call's inputs: its device and dtype decide what ``"auto"`` means.
     Triton computes in fp32, so ``"auto"`` keeps float64 inputs on the fused torch path.
@@ -95,11 +100,11 @@ def resolve_impl(impl: str | None, tensor: torch.Tensor) -> str:
             tensor.is_cuda and tensor.dtype != torch.float64 and triton_is_available()
         )
         return "triton" if use_triton else "fused"
-    if mode == "triton":
+    if mode in ("triton", "triton_tiled"):
         triton_kernels()  # raises a readable error when Triton is missing
         if not tensor.is_cuda and not triton_interpreter_enabled():
             raise RuntimeError(
-                "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1, set before Triton is "
+                f"impl={mode!r} needs CUDA tensors (or TRITON_INTERPRET=1, set before Triton is "
                 f"imported, to run the kernels on the CPU); got a tensor on {tensor.device}"
             )
     return mode

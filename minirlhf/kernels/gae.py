@@ -227,7 +227,8 @@ def gae(
         gamma: discount (LHP: 1.0).
         lam: GAE lambda (LHP: 0.95). lam = 0 gives one-step TD errors; lam = 1 (with gamma = 1)
             gives returns-to-go minus the value.
-        impl: None (the default set by `set_kernel_impl`), "auto", "reference", "fused", "triton".
+        impl: None (the default set by `set_kernel_impl`), "auto", "reference", "fused", "triton"
+            ("triton_tiled", a second token-logprobs kernel, runs GAE's "triton" path).
 
     Returns:
         ``(advantages, returns)``, (B, T) each, in the dtype of ``values``; 0 at padded positions.

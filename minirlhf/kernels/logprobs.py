@@ -336,7 +336,8 @@ def token_logprobs(
         return_entropy: also return the entropy of each position's temperature-scaled distribution.
         ignore_index: targets equal to it give logprob 0 and entropy 0, and no gradient; these
             positions are dropped before any compute (prompt and padding tokens cost nothing).
-        impl: None (the default set by `set_kernel_impl`), "auto", "reference", "fused", "triton".
+        impl: None (the default set by `set_kernel_impl`), "auto", "reference", "fused", "triton",
+            or "triton_tiled" (opt-in: the tensor-core kernel of `triton_tiled.py`, speed unmeasured).
         vocab_block, token_block: block sizes of the fused torch path (columns of V, rows of N).
 
     Returns:
@@ -348,6 +349,9 @@ def token_logprobs(
     Precision: fused torch matches the reference to ~1e-6 in fp32; Triton computes in fp32 with
     TF32 off (to ~1e-5). bf16 hidden states or weights are computed in fp32, and autocast is
     switched off inside: a bf16 LM head would round every logit to ~3 significant digits.
+    "triton_tiled" multiplies bf16 inputs as bf16 on the tensor cores (exact products, fp32
+    sums: fp32 logprobs as accurate as the fp32 paths' on the same bf16 values; bf16 gradients),
+    and fp32 inputs with 3xTF32 (about fp32's accuracy).
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(
@@ -377,9 +381,14 @@ def _token_logprobs(hidden, weight, targets, temperature, return_entropy, ignore
                 h, w, t, inv_temperature=1.0 / temperature, with_entropy=return_entropy,
                 vocab_block=vocab_block, token_block=token_block,
             )
-    else:
+    elif path == "triton":
         def rows_fn(h, w, t):
             return triton_kernels().triton_token_logprobs_rows(
+                h, w, t, inv_temperature=1.0 / temperature, with_entropy=return_entropy
+            )
+    else:  # "triton_tiled": opt-in, its speed unmeasured (see triton_tiled.py)
+        def rows_fn(h, w, t):
+            return triton_kernels().triton_tiled_token_logprobs_rows(
                 h, w, t, inv_temperature=1.0 / temperature, with_entropy=return_entropy
             )
     logprobs, entropy = _on_valid_rows(rows_fn, hidden, weight, targets, ignore_index, return_entropy)

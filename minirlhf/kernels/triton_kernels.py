@@ -21,6 +21,10 @@ of BLOCK_V columns, the hidden size into chunks of BLOCK_D. One program computes
 
 GAE: one program per row of the batch; time is walked backwards in tiles of BLOCK_T steps, each
 tile solved by ``tl.associative_scan`` over the linear recurrence, with a carry between tiles.
+
+`triton_tiled.py` holds a second token-logprobs kernel (tensor cores, a backward without atomics),
+opt-in with ``impl="triton_tiled"`` until a GPU has measured it; it is re-exported here, so that
+this module is the one place the dispatch imports Triton code from.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import triton
 import triton.language as tl
 
 from minirlhf.kernels.logprobs import finish_softmax_stats
+from minirlhf.kernels.triton_tiled import TileSizes, triton_tiled_token_logprobs_rows  # noqa: F401
 
 # ------------------------------------------------------------------------------------------------
 # Token logprobs.

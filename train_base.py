@@ -144,9 +144,10 @@ def main() -> None:
     eval_generator = runtime.cpu_generator(cfg.seed + 1)
 
     def save(step: int, summary: dict) -> None:
-        """base.pt: at the end, and every --save-every steps with what --resume needs besides."""
+        """base.pt: at the end, and every --save-every steps with what --resume needs besides (marked
+        unfinished: train_sft.py refuses it)."""
         resume_state = {} if step == cfg.max_steps else dict(
-            optimizer=optimizer.state_dict(), data_rng_state=generator.get_state(),
+            finished=False, optimizer=optimizer.state_dict(), data_rng_state=generator.get_state(),
             eval_rng_state=eval_generator.get_state())
         save_checkpoint(out_path, kind="base", model_state=model.state_dict(), model_config=asdict(config),
                         tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step,

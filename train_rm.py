@@ -26,6 +26,10 @@ CPU:  python train_rm.py                    (preset tiny, ~1.5 minutes on 2 core
       python train_rm.py --preset smoke --dtype bf16 --device cpu     (bf16 autocast; slow on a CPU, for tests)
       python train_rm.py --labeler human --num-comparisons 20
       python train_rm.py --rm-objective classifier --comparisons out/rm_comparisons.jsonl --out-dir out_cls
+Resume an interrupted run:  python train_rm.py --resume   (same flags as the first run: every
+      --save-every steps rm.pt is written with the optimizer, the held-out split and the samples the
+      normalisation needs, after rm_comparisons.jsonl; the run continues from there without
+      sampling again, exactly as if it had not stopped)
 GPU:  python train_rm.py --preset medium --device cuda                 (bf16 by default on a GPU)
       python train_rm.py --preset small --device cuda
 Several processes (data parallel): torchrun --standalone --nproc_per_node=2 train_rm.py --preset smoke
@@ -48,15 +52,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minirlhf import labeling, world
-from minirlhf.checkpoint import load_checkpoint, save_checkpoint
-from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
+from minirlhf.checkpoint import load_checkpoint, load_resume_checkpoint, save_checkpoint
+from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
 from minirlhf.data import read_prompts
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.plots import plot_curves, plot_scatter
 from minirlhf.reward import (RewardScorer, batch_share, comparison_loss, encode_ranked, fit_normalisation,
                              gold_agreement, pairwise_counts)
-from minirlhf.tokenizer import Tokenizer
+from minirlhf.tokenizer import Tokenizer, render_chat
 from minirlhf.training import check_finite, cosine_lr, sample_responses
 from minirlhf.runtime import setup_runtime
 
@@ -95,14 +99,19 @@ class RMConfig:
     epochs: int = field(default=1, metadata={"help": "passes over the comparisons (InstructGPT: 1; more overfits)", "min": 1})
     batch_size: int = field(default=16, metadata={"help": "comparisons (prompts) per step, over all processes",
                                                   "min": 1})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)", "min": 0.0})
-    min_lr: float = field(default=1e-5, metadata={"help": "learning rate at the end of the cosine decay", "min": 0.0})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)", "above": 0.0})
+    min_lr: float = field(default=1e-5, metadata={"help": "learning rate at the end of the cosine decay (<= --lr)",
+                                                  "min": 0.0})
     warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps", "min": 0})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on 2-D weights", "min": 0.0})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
     eval_every: int = field(default=10, metadata={"help": "held-out loss and accuracy every N steps", "min": 1})
     norm_samples: int = field(default=256, metadata={"help": "SFT samples that fit the normalisation when training "
                                                              "on a --comparisons file", "min": 2})
+    save_every: int = field(default=20, metadata={"help": "write rm.pt every N training steps (and at the end)",
+                                                  "min": 1})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/rm.pt and "
+                                                          "OUT_DIR/rm_comparisons.jsonl"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
     dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
                                                          "fp32 or bf16 (autocast; weights stay fp32)",
@@ -110,9 +119,14 @@ class RMConfig:
     seed: int = field(default=1337, metadata={"help": "random seed"})
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
 
+    def __post_init__(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would decay upwards")
+
 
 PRESETS = {
-    "smoke": dict(num_comparisons=24, max_new_tokens=16, batch_size=4, eval_every=2, val_fraction=0.2, norm_samples=8),
+    "smoke": dict(num_comparisons=24, max_new_tokens=16, batch_size=4, eval_every=2, val_fraction=0.2, norm_samples=8,
+                  save_every=2),
     "tiny": {},
     "medium": {},
     "small": dict(num_comparisons=4000, responses_per_prompt=6, batch_size=32, lr=3e-5, min_lr=3e-6),
@@ -155,7 +169,8 @@ def train_metrics(runtime, loss: torch.Tensor, rewards: torch.Tensor, tiers: lis
     as before, exactly (the weight is 1).
     """
     rewards = rewards.cpu()                                                # (B_r, K_max) best first
-    worst = rewards.gather(1, ((~rewards.isnan()).sum(1) - 1)[:, None])   # (B_r, 1) last scored
+    last_scored = ((~rewards.isnan()).sum(1) - 1).clamp(min=0)   # (clamped: a diverged row is all NaN)
+    worst = rewards.gather(1, last_scored[:, None])                       # (B_r, 1) last scored
     margin = (rewards[:, :1] - worst).mean().item()
     correct, pairs = pairwise_counts(rewards, tiers) if weight else (0.0, 0.0)
     loss_sum, margin_sum, correct, pairs = runtime.sum_over_ranks(loss.item() * weight, margin * weight,
@@ -165,6 +180,17 @@ def train_metrics(runtime, loss: torch.Tensor, rewards: torch.Tensor, tiers: lis
 
 
 # ----------------------------------------------------------------------------------------------
+
+def read_prompts_that_fit(cfg, tokenizer, block_size: int) -> list[str]:
+    """The prompts to sample from; each with --max-new-tokens of response must fit the SFT model."""
+    path = cfg.prompts or os.path.join(cfg.data_dir, "rm_prompts.jsonl")
+    prompts = read_prompts(path)
+    longest = max(len(render_chat(tokenizer, prompt)) for prompt in prompts)
+    if longest + cfg.max_new_tokens > block_size:
+        raise UserError(f"{path}: the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} "
+                        f"exceeds the SFT model's block_size {block_size}")
+    return prompts
+
 
 def collect_comparisons(cfg, policy, tokenizer, runtime):
     """Sample and rank the comparisons, or read them from --comparisons. Returns (comparisons,
@@ -182,7 +208,9 @@ def collect_comparisons(cfg, policy, tokenizer, runtime):
         _, val_prompts = labeling.split_prompts([c.prompt for c in comparisons], cfg.val_fraction, rng)
         return comparisons, set(val_prompts), []
 
-    prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "rm_prompts.jsonl"))
+    prompts = read_prompts_that_fit(cfg, tokenizer, policy.config.block_size)
+    if runtime.is_main:
+        make_out_dir(cfg.out_dir)   # the inputs are read: a bad --out-dir fails now, not after the sampling
     train_prompts, val_prompts = labeling.split_prompts(prompts, cfg.val_fraction, rng)
     n_val = round(cfg.num_comparisons * cfg.val_fraction) if val_prompts else 0
     drawn = (labeling.cycle_prompts(train_prompts, cfg.num_comparisons - n_val, rng)
@@ -205,6 +233,11 @@ def collect_comparisons(cfg, policy, tokenizer, runtime):
     to_rank = labeling.drop_duplicates(candidates)
     print(f"{len(candidates) - len(to_rank)} prompts whose {k} responses were all the same are dropped; "
           f"{sum(len(c.responses) for c in to_rank)} distinct responses remain")
+    if not to_rank:
+        why = ("--temperature 0 samples greedily, so the responses to a prompt are always the same: use a "
+               "temperature above 0" if cfg.temperature == 0 else "raise --temperature or --max-new-tokens")
+        raise UserError(f"the {k} responses to each of the {len(candidates)} prompts were identical: nothing to rank "
+                        f"({why})")
     to_rank = labeling.add_degenerate(to_rank, cfg.degenerate_fraction, random.Random(cfg.seed + 2),
                                       tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens)
     if cfg.labeler == "human":
@@ -248,18 +281,28 @@ def main() -> None:
     policy = GPT(config)
     policy.load_state_dict(sft["model"])
     runtime.prepare(policy).eval()
-    if runtime.is_main:   # rank 0 alone writes files
-        os.makedirs(cfg.out_dir, exist_ok=True)
+    out_path = os.path.join(cfg.out_dir, "rm.pt")
+    comparisons_path = os.path.join(cfg.out_dir, "rm_comparisons.jsonl")
 
     # ---- 1. comparisons: sampled from the SFT policy and ranked, or read from a file
     start = time.time()
-    collected = collect_comparisons(cfg, policy, tokenizer, runtime)
-    if collected is None:
-        return   # a person quit labelling; the answers so far are saved, the next run resumes
-    comparisons, val_prompts, candidates = collected
-    comparisons_path = os.path.join(cfg.out_dir, "rm_comparisons.jsonl")
-    if runtime.is_main:   # everything the labeler ranked, ties included
-        labeling.write_comparisons(comparisons_path, comparisons)
+    resumed = None
+    if cfg.resume:   # the interrupted run's comparisons, held-out split and samples: nothing sampled again
+        resumed = load_resume_checkpoint(out_path, kind="rm", tokenizer_identity=tokenizer.identity, total_steps=None,
+                                         model_config=config, train_config=cfg)
+        comparisons = labeling.read_ranked_comparisons(comparisons_path)
+        val_prompts = set(resumed["val_prompts"])
+        candidates = [labeling.Candidates(**group) for group in resumed["candidates"]]
+        print(f"resumed from {out_path} at step {resumed['step']}, with the {len(comparisons)} comparisons of "
+              f"{comparisons_path}")
+    else:
+        collected = collect_comparisons(cfg, policy, tokenizer, runtime)
+        if collected is None:
+            return   # a person quit labelling; the answers so far are saved, the next run resumes
+        comparisons, val_prompts, candidates = collected
+    if runtime.is_main:   # rank 0 alone writes files
+        make_out_dir(cfg.out_dir)
+    all_ranked = comparisons   # everything the labeler ranked, ties included: rm_comparisons.jsonl, beside rm.pt
     ranked = len(comparisons)
     comparisons = labeling.drop_all_tied(comparisons)   # a tie is not a preference: these prefer nothing
     pairs = sum(math.comb(len(c.responses), 2) for c in comparisons)
@@ -267,7 +310,7 @@ def main() -> None:
     print(f"ties: {ranked - len(comparisons)} comparisons whose responses are all tied are dropped; "
           f"{tied} of the other {pairs} pairs are ties, left out of the loss and the accuracy")
     encoded = encode_all(tokenizer, comparisons, config.block_size, cfg.comparisons or "comparisons")
-    minutes_collect = (time.time() - start) / 60
+    minutes_collect = resumed["metrics"]["minutes/collect"] if resumed else (time.time() - start) / 60
     held_out = [c.prompt in val_prompts for c in comparisons]
     train_encoded = [e for e, h in zip(encoded, held_out) if not h]
     val_encoded = [e for e, h in zip(encoded, held_out) if h]
@@ -280,7 +323,8 @@ def main() -> None:
     # how noisy the simulated labels are: the agreement two gold labelers with this noise would
     # reach (a file's or a person's rankings have their own noise, which we cannot know)
     labels = {}
-    print(f"comparisons: {len(train_encoded)} train, {len(val_encoded)} held out (written to {comparisons_path})")
+    print(f"comparisons: {len(train_encoded)} train, {len(val_encoded)} held out (written to {comparisons_path} "
+          "with rm.pt)")
     if cfg.labeler == "gold" and not cfg.comparisons:
         gold_groups = [labeling.gold_totals(labeling.Candidates(c.prompt, c.responses, c.ended)) for c in comparisons]
         # (no held-out comparisons, e.g. --val-fraction 0: the bound over all of them)
@@ -309,12 +353,29 @@ def main() -> None:
         print(f"  data parallel over {runtime.world_size} processes ({runtime.device}, {runtime.dtype}): "
               f"each takes its share of every batch of {cfg.batch_size}")
 
+    start_step = 0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        start_step = resumed["step"]
+
     metrics_path = os.path.join(cfg.out_dir, "rm_metrics.jsonl")
+
+    def save_interval(step: int, summary: dict) -> None:
+        """rm.pt every --save-every steps for --resume (marked unfinished: PPO refuses it), after what it
+        goes with: the comparisons and the metrics so far."""
+        labeling.write_comparisons(comparisons_path, all_ranked)
+        log.commit()
+        save_checkpoint(out_path, kind="rm", model_state=model.state_dict(), model_config=asdict(config),
+                        tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step, metrics=summary,
+                        finished=False, optimizer=optimizer.state_dict(), val_prompts=sorted(val_prompts),
+                        candidates=[asdict(group) for group in candidates])
+
     order_rng = random.Random(cfg.seed)
-    progress = Progress(total_steps, desc="rm")
+    progress = Progress(total_steps, desc="rm", start=start_step)
     step, val_loss, val_accuracy = 0, math.nan, math.nan
-    with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
-        if val_encoded:   # step 0: the untrained head, for reference (about chance)
+    with MetricsLogger(metrics_path, resume_step=start_step if resumed else None, enabled=runtime.is_main) as log:
+        if val_encoded and start_step == 0:   # step 0: the untrained head, for reference (about chance)
             val_loss, val_accuracy = evaluate(model, val_encoded, val_tiers, cfg.rm_objective, tokenizer.pad_id,
                                               cfg.batch_size, runtime)
             log.log(0, **{"loss/val": val_loss, "accuracy/val": val_accuracy})
@@ -322,6 +383,9 @@ def main() -> None:
             order = list(range(len(train_encoded)))
             order_rng.shuffle(order)   # the same seed on every rank: the ranks agree on each global batch
             for first in range(0, len(order), cfg.batch_size):
+                if step < start_step:   # a batch the interrupted run trained on before its last save
+                    step += 1
+                    continue
                 lr = cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -344,6 +408,9 @@ def main() -> None:
                     record.update({"loss/val": val_loss, "accuracy/val": val_accuracy})
                 log.log(step, **record)
                 progress.log(step, loss=record["loss/train"], val_acc=val_accuracy)
+                if runtime.is_main and step % cfg.save_every == 0 and step < total_steps:
+                    save_interval(step, {"loss/train": record["loss/train"], "loss/val": val_loss,
+                                         "accuracy/val": val_accuracy, "minutes/collect": minutes_collect})
 
     # ---- 3. normalise: (raw - bias) * gain has mean 0, std 1 on the SFT policy's samples that ended
     #      (the ones whose score RL uses: one without EOS gets reward.MISSING_EOS_PENALTY instead).
@@ -382,7 +449,7 @@ def main() -> None:
         summary.update(report)
         print("held out, against the noiseless gold labeler: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
 
-    out_path = os.path.join(cfg.out_dir, "rm.pt")
+    labeling.write_comparisons(comparisons_path, all_ranked)   # (the metrics were written when the loop's block ended)
     save_checkpoint(out_path, kind="rm", model_state=model.state_dict(), model_config=asdict(config),
                     tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step, metrics=summary,
                     reward_bias=reward_bias, reward_gain=reward_gain, rm_objective=cfg.rm_objective)

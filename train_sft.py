@@ -156,8 +156,9 @@ def main() -> None:
     metrics_path = os.path.join(cfg.out_dir, "sft_metrics.jsonl")
 
     def save(step: int, summary: dict) -> None:
-        """sft.pt: at the end, and every --save-every steps with the optimizer besides (--resume)."""
-        resume_state = {} if step == total_steps else {"optimizer": optimizer.state_dict()}
+        """sft.pt: at the end, and every --save-every steps with the optimizer besides, for --resume (marked
+        unfinished: the later stages refuse it)."""
+        resume_state = {} if step == total_steps else {"finished": False, "optimizer": optimizer.state_dict()}
         save_checkpoint(out_path, kind="sft", model_state=model.state_dict(), model_config=asdict(config),
                         tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step,
                         metrics=summary, **resume_state)

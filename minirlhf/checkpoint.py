@@ -14,6 +14,10 @@ A checkpoint is a single dict of tensors and plain Python values:
         ...                                    # what the kind needs: the RM's normalisation,
     }                                          # PPO's value model, optimizer state, KL coefficient
 
+An interval save of train_base, train_sft or train_rm (every --save-every steps, for `--resume`)
+holds `"finished": False` and the optimizer; `load_checkpoint` refuses it unless asked
+(`unfinished_ok`), so the next stage never starts from a half-trained model by accident.
+
 Two properties matter more than the layout:
 
 1. **Atomic writes.** `save_checkpoint` writes to a temporary file in the same directory, fsyncs
@@ -132,6 +136,7 @@ def load_checkpoint(
     kind: str | tuple[str, ...] | None = None,
     tokenizer_identity=None,
     map_location="cpu",
+    unfinished_ok: bool = False,
 ) -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint`, as data only (`weights_only=True`).
 
@@ -142,6 +147,9 @@ def load_checkpoint(
             when given, a checkpoint made with another tokenizer is refused: its token ids would
             mean different strings, and the model would silently produce garbage.
         map_location: passed to `torch.load` (default: everything on the CPU).
+        unfinished_ok: accept an interval save of a run that was interrupted (`finished: False`;
+            train_base, train_sft and train_rm write one every --save-every steps). Only `--resume`
+            wants one: the next stage would silently start from a half-trained model.
 
     Returns:
         the checkpoint dict (see the module docstring for its fields).
@@ -190,6 +198,10 @@ def load_checkpoint(
 
     if accepted and checkpoint["kind"] not in accepted:
         raise UserError(f"{path} is a '{checkpoint['kind']}' checkpoint, expected {_quoted(accepted)}")
+    if checkpoint.get("finished") is False and not unfinished_ok:
+        script = _WRITTEN_BY.get(checkpoint["kind"], "the stage")
+        raise UserError(f"{path} is an unfinished run, saved at step {checkpoint['step']}: finish it with "
+                        f"`python {script} --resume` (the same flags), or run {script} again")
 
     if tokenizer_identity is not None:
         current = _as_dict(tokenizer_identity)
@@ -201,17 +213,17 @@ def load_checkpoint(
     return checkpoint
 
 
-def load_resume_checkpoint(path: str | os.PathLike, *, kind: str, tokenizer_identity, total_steps: int,
+def load_resume_checkpoint(path: str | os.PathLike, *, kind: str, tokenizer_identity, total_steps: int | None,
                            model_config, train_config, needs: tuple[str, ...] = ("optimizer",)) -> dict[str, Any]:
     """The checkpoint a `--resume`d run continues from, checked before any weight is touched.
 
-    It must be an unfinished run of this stage (`step` < `total_steps`, holding the `needs` fields
-    that only an interval save writes) with this run's model shape. The run is rebuilt from the
+    It must be an unfinished run of this stage (`step` < `total_steps` when that is known yet, holding
+    the `needs` fields that only an interval save writes) with this run's model shape. The run is rebuilt from the
     flags given now (the learning-rate schedule, the batches, the data order), so a flag that
     differs from the interrupted run's is named in a note: the result would not be that run's.
     """
-    checkpoint = load_checkpoint(path, kind=kind, tokenizer_identity=tokenizer_identity)
-    if checkpoint["step"] >= total_steps:
+    checkpoint = load_checkpoint(path, kind=kind, tokenizer_identity=tokenizer_identity, unfinished_ok=True)
+    if total_steps is not None and checkpoint["step"] >= total_steps:
         raise UserError(f"{path} is already at step {checkpoint['step']} of {total_steps}: that run finished, "
                         "there is nothing to resume")
     missing = [name for name in needs if name not in checkpoint]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import run_all
-from minirlhf.checkpoint import atomic_write
+from minirlhf.checkpoint import atomic_write, save_checkpoint
 from minirlhf.cli import run_main
 from minirlhf.data import read_comparisons, read_prompts, read_sft, read_text
 from minirlhf.metrics import MetricsLogger
@@ -53,7 +53,8 @@ def smoke(world, *args):
 # OS errors: a directory where a file is expected, a file where a directory is, no permission
 
 
-@pytest.mark.parametrize("script, flag", [("train_sft", "--demos"), ("train_ppo", "--prompts")])
+@pytest.mark.parametrize("script, flag", [("train_sft", "--demos"), ("train_ppo", "--prompts"),
+                                          ("train_rm", "--comparisons")])
 def test_a_directory_given_as_a_data_file(script, flag, tiny_world, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     shutil.copytree(tiny_world["out"], out)
@@ -195,6 +196,8 @@ def test_nan_and_inf_fail_the_range_check(script, flag, tmp_path, monkeypatch, c
     ("train_base", ["--lr", "0"], "--lr: must be > 0.0"),
     ("train_sft", ["--lr", "0"], "--lr: must be > 0.0"),
     ("train_ppo", ["--lr", "0"], "--lr: must be > 0.0"),
+    ("train_rm", ["--lr", "0"], "--lr: must be > 0.0"),
+    ("train_rm", ["--lr", "1e-6"], "--min-lr 1e-05 is above --lr 1e-06"),
     ("train_base", ["--lr", "1e-4"], "--min-lr 0.0002 is above --lr 0.0001"),
     ("train_sft", ["--lr", "1e-5", "--min-lr", "2e-5"], "--min-lr 2e-05 is above --lr 1e-05"),
 ])
@@ -208,6 +211,51 @@ def test_more_minibatches_than_the_batch(tiny_world, tmp_path, monkeypatch, caps
     code, _, stderr = run_in_process("train_ppo", smoke(tiny_world, "--out-dir", str(tmp_path), "--batch-size", "8",
                                                         "--num-minibatches", "9"), monkeypatch, capsys)
     assert_one_error_line(code, stderr, "--num-minibatches 9 must be <= --batch-size / processes = 8")
+
+
+def test_over_long_prompt_in_train_rm(tiny_world, tmp_path, monkeypatch, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "what does a cow eat? " * 40}) + "\n")
+    code, _, stderr = run_in_process("train_rm", smoke(tiny_world, "--init", os.path.join(tiny_world["out"], "sft.pt"),
+                                                       "--out-dir", str(tmp_path / "out"), "--prompts", str(prompts)),
+                                     monkeypatch, capsys)
+    assert_one_error_line(code, stderr, str(prompts), "longest prompt", "exceeds the SFT model's block_size 128")
+    assert not (tmp_path / "out").exists(), "--out-dir is created once the inputs are read"
+
+
+def test_train_rm_missing_comparisons_creates_nothing(tiny_world, tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "nope.jsonl"
+    code, _, stderr = run_in_process("train_rm", smoke(tiny_world, "--init", os.path.join(tiny_world["out"], "sft.pt"),
+                                                       "--out-dir", str(tmp_path / "out"), "--comparisons", str(missing)),
+                                     monkeypatch, capsys)
+    assert_one_error_line(code, stderr, str(missing))
+    assert not (tmp_path / "out").exists(), "--out-dir was created before the missing input was noticed"
+
+
+def test_train_rm_greedy_sampling_says_so(tiny_world, tmp_path, monkeypatch, capsys):
+    """--temperature 0: every response to a prompt is the same, so nothing is left to rank. The hint
+    used to be "lower --val-fraction"; and the earlier run's rm_comparisons.jsonl stays as it was
+    (it used to be replaced by an empty file)."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_world["out"], out)
+    earlier = '{"prompt": "what does a cow eat?", "responses": ["Grass.", "Rocks."], "ranking": [0, 1]}\n' * 3
+    (out / "rm_comparisons.jsonl").write_text(earlier)
+    code, _, stderr = run_in_process("train_rm", smoke(tiny_world, "--out-dir", str(out), "--temperature", "0"),
+                                     monkeypatch, capsys)
+    assert_one_error_line(code, stderr, "were identical: nothing to rank", "--temperature 0 samples greedily")
+    assert "val-fraction" not in stderr
+    assert (out / "rm_comparisons.jsonl").read_text() == earlier
+
+
+def test_train_rm_failure_in_training_keeps_the_earlier_comparisons(tiny_world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_world["out"], out)
+    earlier = '{"prompt": "what does a cow eat?", "responses": ["Grass.", "Rocks."], "ranking": [0, 1]}\n' * 3
+    (out / "rm_comparisons.jsonl").write_text(earlier)
+    code, _, stderr = run_in_process("train_rm", smoke(tiny_world, "--out-dir", str(out), "--lr", "1e30",
+                                                       "--min-lr", "0", "--save-every", "1000"), monkeypatch, capsys)
+    assert_one_error_line(code, stderr, "loss became nan")
+    assert (out / "rm_comparisons.jsonl").read_text() == earlier, "the comparisons file is written with rm.pt"
 
 
 def test_over_long_prompt_in_evaluate(tiny_world, tmp_path, monkeypatch, capsys):
@@ -267,6 +315,22 @@ def test_resume_refuses_what_it_cannot_continue(tiny_world, tmp_path, monkeypatc
     code, _, stderr = run_in_process("train_sft", smoke(tiny_world, "--out-dir", str(tmp_path / "empty"), "--resume",
                                                         "--init", str(out / "base.pt")), monkeypatch, capsys)
     assert_one_error_line(code, stderr, "sft.pt not found")
+
+
+def test_the_next_stage_refuses_an_unfinished_checkpoint(tiny_world, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during train_base.py leaves an interval save of base.pt: train_sft.py must not fine-tune
+    a half-trained model without a word."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_world["out"], out)
+    base = torch.load(out / "base.pt", weights_only=True)
+    save_checkpoint(out / "base.pt", kind="base", model_state=base["model"], model_config=base["model_config"],
+                    tokenizer_identity=base["tokenizer"], train_config={}, step=10, metrics={}, finished=False,
+                    optimizer={})
+    earlier_sft = (out / "sft.pt").read_bytes()
+    code, _, stderr = run_in_process("train_sft", smoke(tiny_world, "--out-dir", str(out)), monkeypatch, capsys)
+    assert_one_error_line(code, stderr, "base.pt is an unfinished run, saved at step 10",
+                          "python train_base.py --resume")
+    assert (out / "sft.pt").read_bytes() == earlier_sft
 
 
 def test_kill_9_during_a_save_leaves_nothing_for_long(tmp_path):

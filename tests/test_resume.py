@@ -112,8 +112,9 @@ def metrics_without_timings(path) -> list[dict]:
 
 
 def check_resume_reproduces(stage: str, script: str, args: list[str], inputs: list[str], tiny_world, tmp_path,
-                            monkeypatch, capsys, total: int) -> None:
-    """The three runs of the module docstring, and every check on them."""
+                            monkeypatch, capsys, total: int | None = None) -> None:
+    """The three runs of the module docstring, and every check on them (`total`: the steps of the
+    run, when known beforehand)."""
     module = script.removesuffix(".py")
     whole, broken = tmp_path / "uninterrupted", tmp_path / "interrupted"
     for out in (whole, broken):
@@ -125,13 +126,14 @@ def check_resume_reproduces(stage: str, script: str, args: list[str], inputs: li
 
     code, _, stderr = run_in_process(module, [*common, "--out-dir", str(whole)], monkeypatch, capsys)
     assert code == 0, f"{script} (uninterrupted) failed: {stderr}"
+    total = total or load_checkpoint(whole / checkpoint)["step"]
 
     result = interrupt_after_first_save(script, [*common, "--out-dir", str(broken)], str(broken / checkpoint),
                                         tmp_path)
     assert result.returncode == 130, (f"{script} should stop on Ctrl-C with exit 130 (it finished before the "
                                       f"interrupt, or failed):\n{result.stdout[-1500:]}\n{result.stderr}")
     assert result.stderr.strip() == "interrupted" and "Traceback" not in result.stderr, result.stderr
-    saved_at = load_checkpoint(broken / checkpoint, kind=stage)["step"]
+    saved_at = load_checkpoint(broken / checkpoint, kind=stage, unfinished_ok=True)["step"]
     assert 0 < saved_at < total, f"{checkpoint} at step {saved_at}: not an interval save of the run of {total}"
     logged = [r["step"] for r in metrics_without_timings(broken / metrics)]
     assert logged and logged[-1] >= saved_at, (
@@ -153,6 +155,8 @@ def check_resume_reproduces(stage: str, script: str, args: list[str], inputs: li
     assert second["step"] == first["step"] == total
     for name, tensor in first["model"].items():
         assert torch.equal(tensor, second["model"][name]), f"{checkpoint}: weight {name} differs after --resume"
+    for name in ("reward_bias", "reward_gain"):   # (the RM's normalisation)
+        assert second.get(name) == first.get(name), f"{checkpoint}: {name} differs after --resume"
     for name, value in first["metrics"].items():
         if not name.startswith(("minutes", "time/")) and name not in TIMING_KEYS:
             assert second["metrics"][name] == value, f"{checkpoint} summary {name}: {second['metrics'][name]} != {value}"
@@ -174,3 +178,12 @@ def test_resume_ppo(tiny_world, tmp_path, monkeypatch, capsys):
     were, the run diverged at the first update after the checkpoint."""
     check_resume_reproduces("ppo", "train_ppo.py", ["--preset", "smoke", "--total-updates", "6", "--save-every", "1"],
                             ["sft.pt", "rm.pt"], tiny_world, tmp_path, monkeypatch, capsys, total=6)
+
+
+def test_resume_rm(tiny_world, tmp_path, monkeypatch, capsys):
+    """The resumed run samples nothing again: it reads rm_comparisons.jsonl, written beside the interval
+    checkpoint, and takes the held-out split and the samples for the normalisation from rm.pt."""
+    check_resume_reproduces("rm", "train_rm.py", ["--preset", "smoke", "--num-comparisons", "64", "--save-every", "2"],
+                            ["sft.pt"], tiny_world, tmp_path, monkeypatch, capsys)
+    whole, broken = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    assert (broken / "rm_comparisons.jsonl").read_text() == (whole / "rm_comparisons.jsonl").read_text()

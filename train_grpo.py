@@ -96,12 +96,13 @@ from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.losses import grpo_advantages, kl_penalty, masked_mean, ppo_policy_loss, rloo_advantages
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.plots import plot_curves
-from minirlhf.ppo import (Rollout, means_over_ranks, minibatch_orders, policy_logprobs,
+from minirlhf.ppo import (Rollout, draw_prompts, fit_gold_normaliser, mean_over_minibatches, means_over_ranks,
+                          minibatch_orders, minibatch_stats, optimizer_step, policy_logprobs, rollout_logprobs,
                           score_rollout, token_share)
 from minirlhf.reward import load_reward_model
 from minirlhf.runtime import Runtime, setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
-from minirlhf.training import check_finite, cosine_lr, sample_responses, unwrap
+from minirlhf.training import cosine_lr, sample_responses, unwrap
 
 ADVANTAGES = ("grpo", "drgrpo", "rloo")
 
@@ -201,31 +202,6 @@ def group_advantages(scores: torch.Tensor, kl_per_response: torch.Tensor, *, gro
     return grpo_advantages(groups, eps=eps, scale=advantage == "grpo").view(-1)
 
 
-@torch.no_grad()
-def forward_logprobs(rollout: Rollout, policy, ref_policy, *, temperature: float,
-                     minibatches: list[torch.Tensor]) -> Rollout:
-    """Fill `rollout.logprobs` (the "old" policy), `.ref_logprobs` and `.entropy`: `ppo.forward_rollout`
-    without the critic. The passes run over the first epoch's minibatches, trimmed as
-    `Rollout.select` trims them, so that the first minibatch of the update recomputes these very
-    numbers: ratio exactly 1."""
-    policy.eval()   # dropout off (the only thing eval() changes here)
-    ref_policy.eval()
-    B, R = rollout.response_mask.shape
-    device = rollout.response_mask.device
-    outputs = {name: torch.zeros(B, R, device=device) for name in ("logprobs", "ref_logprobs", "entropy")}
-    for index in minibatches:
-        index = index.to(device)
-        batch = rollout.select(index)
-        width = batch.response_mask.shape[1]
-        logprobs, entropy = policy_logprobs(policy, batch, temperature)
-        ref_logprobs, _ = policy_logprobs(ref_policy, batch, temperature)
-        for name, value in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
-            outputs[name][index, :width] = value.float() * batch.response_mask   # 0 at padding
-    rollout.logprobs, rollout.ref_logprobs, rollout.entropy = (outputs["logprobs"], outputs["ref_logprobs"],
-                                                               outputs["entropy"])
-    return rollout
-
-
 def grpo_update(rollout: Rollout, policy, optimizer, *, orders: list[list[torch.Tensor]], temperature: float,
                 clip_range: float, kl_mode: str, kl_coef: float, grad_clip: float = 1.0, step: int = 0,
                 runtime: Runtime | None = None) -> dict:
@@ -237,46 +213,33 @@ def grpo_update(rollout: Rollout, policy, optimizer, *, orders: list[list[torch.
     Both terms are means over the minibatch's valid tokens; under torchrun each rank's loss is
     scaled by `ppo.token_share` so that DDP's averaged gradient is the one of the mean over every
     rank's tokens. `policy` is the module the training forwards go through (`runtime.wrap(policy)`).
+    The pieces are train_ppo.py's (`ppo.optimizer_step`, `ppo.minibatch_stats`), less the critic.
     Returns PPO's stat names, means over the minibatches, plus `minibatch_stats` (the first has ratio 1).
     """
     runtime = runtime or Runtime(device=rollout.sequences.device)
     if runtime.distributed and unwrap(policy) is policy:
         raise ValueError("under torchrun, pass grpo_update the DDP-wrapped policy (runtime.wrap(policy))")
     policy.eval()   # dropout off: eval() only switches dropout; gradients flow as in train()
-    minibatch_stats = []
+    stats = []
     for epoch_minibatches in orders:
         for index in epoch_minibatches:
             batch = rollout.select(index)
             mask = batch.response_mask
-            n_tokens = mask.sum().item()              # this rank's valid tokens in the minibatch
-            share = token_share(n_tokens, runtime)    # 1.0 in one process
+            share = token_share(mask.sum().item(), runtime)   # 1.0 in one process
             logprobs, entropy = policy_logprobs(policy, batch, temperature)                     # (b, R')
-            policy_loss, stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, clip_range)
+            policy_loss, policy_stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, clip_range)
             loss = policy_loss
-            kl_loss = None
+            kl_stats = {}
             if kl_mode == "loss":
                 ref_logprobs = rollout.ref_logprobs[index.to(mask.device), :mask.shape[1]]     # (b, R')
                 kl_loss = masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask)
                 loss = loss + kl_coef * kl_loss
-            check_finite(loss, step, "the policy loss")
-            optimizer.zero_grad(set_to_none=True)
-            (loss * share).backward()   # under DDP: the gradients are averaged over the ranks here
-            grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(policy).parameters(), grad_clip or float("inf"))
-            optimizer.step()
-
-            local = {"loss/policy": (stats["policy_loss"], n_tokens), "policy/clipfrac": (stats["clipfrac"], n_tokens),
-                     "policy/approxkl": (stats["approxkl"], n_tokens),
-                     "policy/ratio_mean": (stats["ratio_mean"], n_tokens),
-                     "policy/entropy": (masked_mean(entropy.detach(), mask).item(), n_tokens)}
-            if kl_loss is not None:
-                local["loss/kl"] = (kl_loss.item(), n_tokens)
-            record = means_over_ranks(runtime, local)   # token-weighted means over every rank
-            record["policy/ratio_max"] = max(runtime.gather_objects([stats["ratio_max"]]))
-            record["policy/grad_norm"] = grad_norm.item()   # the same on every rank after DDP's all-reduce
-            minibatch_stats.append(record)
-    stats = {name: sum(s[name] for s in minibatch_stats) / len(minibatch_stats) for name in minibatch_stats[0]}
-    stats["minibatch_stats"] = minibatch_stats
-    return stats
+                kl_stats["loss/kl"] = (kl_loss.item(), mask.sum().item())
+            grad_norm = optimizer_step(optimizer, policy, loss * share, grad_clip=grad_clip, step=step,
+                                       what="the policy loss")   # under DDP: averaged over the ranks
+            stats.append(minibatch_stats(runtime, mask, policy_stats=policy_stats, entropy=entropy,
+                                         policy_grad_norm=grad_norm, extra=kl_stats))
+    return {**mean_over_minibatches(stats), "minibatch_stats": stats}
 
 
 def group_stats(task_scores: torch.Tensor, advantages: torch.Tensor, group_size: int, runtime: Runtime) -> dict:
@@ -362,22 +325,15 @@ def main() -> None:
 
             # 1. rollout: every rank draws the same B prompts and takes its share; each of its
             #    prompts is sampled k times, in consecutive rows: row i belongs to group i // k
-            while len(prompt_order) < cfg.batch_size:        # passes over the prompts, reshuffled each time
-                prompt_order += torch.randperm(len(prompts), generator=rng).tolist()
-            batch_prompts = runtime.shard([prompts[i] for i in prompt_order[:cfg.batch_size]])   # B / ranks
-            del prompt_order[:cfg.batch_size]
+            batch_prompts = runtime.shard(draw_prompts(prompts, prompt_order, cfg.batch_size, rng))   # B / ranks
             rows = [p for p in batch_prompts for _ in range(k)]                                  # (B / ranks) * k
             texts, _, (generation,) = sample_responses(policy, tokenizer, rows, max_new_tokens=cfg.max_new_tokens,
                                                        temperature=cfg.temperature, generator=sample_generator,
                                                        batch_size=len(rows))   # one batch: one Generation
 
             # 2. scores: the RM's (normalised, the missing-EOS penalty) or gold's, as PPO's
-            if cfg.reward == "gold" and gold_normaliser is None:
-                _, first_gold, _ = score_rollout(generation, rows, texts, reward="gold")
-                first_gold = torch.tensor(runtime.gather_objects(first_gold.tolist()))   # every rank's samples
-                gold_normaliser = (first_gold.mean().item(), max(first_gold.std(unbiased=False).item(), 1e-3))
-                print(f"gold reward normalised with the SFT batch's mean {gold_normaliser[0]:.3f}, "
-                      f"sd {gold_normaliser[1]:.3f}")
+            if cfg.reward == "gold" and gold_normaliser is None:   # the SFT samples' gold mean and sd
+                gold_normaliser = fit_gold_normaliser(generation, rows, texts, runtime)
             scores, gold, rm = score_rollout(generation, rows, texts, reward=cfg.reward, reward_scorer=reward_scorer,
                                              gold_normaliser=gold_normaliser or (0, 1),
                                              missing_eos_penalty=cfg.missing_eos_penalty)
@@ -386,7 +342,8 @@ def main() -> None:
 
             # 3. old and reference logprobs, over the first epoch's minibatches (ratio 1 on the first)
             orders = minibatch_orders(rollout.batch_size, cfg.num_minibatches, cfg.ppo_epochs, rng)
-            forward_logprobs(rollout, policy, ref_policy, temperature=cfg.temperature, minibatches=orders[0])
+            rollout.logprobs, rollout.entropy = rollout_logprobs(policy, rollout, orders[0], cfg.temperature)
+            rollout.ref_logprobs, _ = rollout_logprobs(ref_policy, rollout, orders[0], cfg.temperature)
             mask = rollout.response_mask
             kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * mask      # (rows, R), 0 at padding
             kl_per_response = kl.sum(dim=1)                                          # (rows,) nats

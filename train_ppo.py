@@ -9,10 +9,13 @@ InstructGPT section 3.5 ("Reinforcement learning"): maximise, over prompts x and
     objective = r(x, y) - beta * log(pi(y|x) / pi_sft(y|x))            (eq. 2, without the ptx term)
 
 with PPO (Schulman et al. 2017). The reward model r was trained on rankings; the KL term keeps the
-policy near the SFT model, where r was trained and can be trusted. The loop (see minirlhf/ppo.py):
-sample a batch of responses, score them, compute per-token KL-shaped rewards and GAE advantages,
-then a few epochs of clipped policy and value updates. The gold labeler scores every sample too,
-for the logs only: it shows whether the reward model's opinion of "better" is the real one.
+policy near the SFT model, where r was trained and can be trusted. `main()` below is one PPO update
+after another, each written out step by step: sample a batch of responses, score them, compute the
+old and reference logprobs and the values, per-token KL-shaped rewards, GAE advantages, whiten them,
+then a few epochs of clipped policy and value updates, and let the KL controller adjust beta. The
+maths is in minirlhf/losses.py and minirlhf/kernels/ (pure functions, graded in tests/), the
+batch-handling around it in minirlhf/ppo.py. The gold labeler scores every sample too, for the
+logs only: it shows whether the reward model's opinion of "better" is the real one.
 
 CPU:  python train_ppo.py                        (preset tiny, ~3 minutes on 2 cores)
       python train_ppo.py --reward gold          (the upper bound: optimise the gold score itself)
@@ -25,10 +28,10 @@ Several processes (data parallel): torchrun --standalone --nproc_per_node=2 trai
       --batch-size stays the prompts of one update, split evenly over the processes; each samples,
       scores and runs the forward passes of its share with its own dice. Advantages are whitened
       and every logged mean is taken over all processes' samples, and each PPO loss is the mean
-      over the tokens of all processes' minibatch (see minirlhf/ppo.py), so an update is one
-      process's update on the whole batch. Rank 0 alone prints and writes.
-Resume an interrupted run:  python train_ppo.py --resume   (same flags as the first run; under
-      torchrun each process gets back its own sampling state)
+      over the tokens of all processes' minibatch (`token_share`, see minirlhf/ppo.py), so an
+      update is one process's update on the whole batch. Rank 0 alone prints and writes.
+Resume an interrupted run:  python train_ppo.py --resume   (same flags as the first run; ppo.pt is
+      written every --save-every updates; under torchrun each process gets back its own sampling state)
 """
 
 from __future__ import annotations
@@ -36,24 +39,27 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-from minirlhf.checkpoint import load_checkpoint, load_policy, save_checkpoint
+from minirlhf.checkpoint import load_policy
 from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, random_windows, read_prompts, read_text
 from minirlhf.evaluation import HeldOutEvaluation
-from minirlhf.losses import AdaptiveKLController, FixedKLController
+from minirlhf.kernels import gae
+from minirlhf.losses import (AdaptiveKLController, FixedKLController, kl_shaped_rewards, masked_whiten,
+                             ppo_policy_loss, ppo_value_loss)
 from minirlhf.metrics import MetricsLogger, read_metrics
-from minirlhf.plots import plot_curves
-from minirlhf.ppo import (Rollout, compute_advantages, critic_from_policy, critic_from_reward_model,
-                          forward_rollout, means_over_ranks, minibatch_orders, ppo_update, rollout_stats,
-                          score_rollout)
+from minirlhf.plots import plot_curves, plot_overoptimisation
+from minirlhf.ppo import (Rollout, critic_from_policy, critic_from_reward_model, critic_values, draw_prompts,
+                          fit_gold_normaliser, mean_over_minibatches, minibatch_orders, minibatch_stats,
+                          optimizer_step, policy_logprobs, resume_run, rollout_logprobs, rollout_stats,
+                          rollout_values, save_run, score_rollout, token_share)
 from minirlhf.reward import load_reward_model
 from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
-from minirlhf.training import cosine_lr, sample_responses
+from minirlhf.training import cosine_lr, lm_loss, sample_responses
 
 
 @dataclass
@@ -128,6 +134,232 @@ PRESETS = {
 }
 
 
+def main() -> None:
+    cfg = parse_config(PPOConfig, PRESETS, description=__doc__)
+    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
+    print_config(cfg, "train_ppo")   # after setup_runtime: under torchrun rank 0 alone prints
+    check_processes(cfg, runtime.world_size)
+
+    # ---- models: the policy pi (trained) and the reference pi_ref (frozen), both the SFT model; the
+    # reward model r (frozen); the critic V (trained), which starts as a copy of r (InstructGPT)
+    tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
+    init_path = cfg.init or os.path.join(cfg.out_dir, "sft.pt")
+    policy, _ = load_policy(init_path, tokenizer.identity, runtime)
+    ref_policy, _ = load_policy(init_path, tokenizer.identity, runtime)
+    ref_policy.requires_grad_(False)
+    reward_scorer, critic = load_reward_model_and_critic(cfg, tokenizer, policy, runtime)
+    policy_optimizer = policy.configure_optimizer(0.0, cfg.lr)
+    value_optimizer = critic.configure_optimizer(0.0, cfg.value_lr)
+    kl_controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                     else FixedKLController(cfg.kl_coef))
+
+    # ---- prompts
+    prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "ppo_prompts.jsonl"))
+    eval_prompts = evenly_spaced(read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl")), cfg.eval_prompts)
+    longest = max(len(render_chat(tokenizer, p)) for p in prompts + eval_prompts)
+    if longest + cfg.max_new_tokens > policy.config.block_size:
+        raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
+                        f"the model's block_size {policy.config.block_size}")
+    if runtime.is_main:
+        make_out_dir(cfg.out_dir)   # a file, or read-only: one line now, not at the first save
+    rng = runtime.cpu_generator(cfg.seed)            # prompt order, minibatches, ptx: the same on every rank
+    sample_generator = runtime.generator(cfg.seed)   # the policy's sampling: each rank its own dice
+    ptx_batch = pretraining_batches(cfg, tokenizer, runtime, rng)
+
+    # ---- resume: ppo.pt holds the weights and, for --resume, the rest of the run's state
+    out_path = os.path.join(cfg.out_dir, "ppo.pt")
+    metrics_path = os.path.join(cfg.out_dir, "ppo_metrics.jsonl")
+    run_state = dict(policy=policy, critic=critic, policy_optimizer=policy_optimizer, value_optimizer=value_optimizer,
+                     kl_controller=kl_controller, rng=rng, sample_generator=sample_generator)
+    start_update, prompt_order, gold_normaliser, baseline = 0, [], None, {}
+    if cfg.resume:
+        start_update, prompt_order, gold_normaliser, baseline = resume_run(out_path, cfg.total_updates,
+                                                                           tokenizer=tokenizer, runtime=runtime,
+                                                                           **run_state)
+    # the modules the TRAINING forwards go through: DistributedDataParallel under torchrun (its
+    # backward averages the gradients over the ranks), the models themselves in one process. Every
+    # model stays in eval() mode, training too: dropout off, and nothing else changes
+    train_policy, train_critic = runtime.wrap(policy), runtime.wrap(critic)
+    # evaluate(update): the held-out eval/* metrics; the first call (the SFT policy) fills `baseline`
+    evaluate = HeldOutEvaluation(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                                 batch_size=cfg.batch_size, runtime=runtime, reward_scorer=reward_scorer,
+                                 baseline=baseline)
+
+    # ---- the loop: one PPO update per batch of prompts
+    print(f"PPO: {cfg.total_updates} updates x {cfg.batch_size} prompts, reward = {cfg.reward}, "
+          f"{len(prompts)} prompts, {len(eval_prompts)} x {cfg.eval_samples} held-out samples per evaluation")
+    if runtime.distributed:
+        print(f"data parallel: {runtime.world_size} processes x {cfg.batch_size // runtime.world_size} prompts "
+              f"({runtime.device}, {runtime.dtype})")
+    progress = Progress(cfg.total_updates, desc="ppo", every=1, start=start_update)
+    start = time.time()
+    summary: dict = {}
+    with MetricsLogger(metrics_path, resume_step=start_update if cfg.resume else None,
+                       enabled=runtime.is_main) as log:
+        if start_update == 0 and eval_prompts:
+            log.log(0, **evaluate(0))
+        for update in range(start_update, cfg.total_updates):
+            step = update + 1
+            t0 = time.time()
+            lr_scale = cosine_lr(update, cfg.total_updates, 1.0, cfg.warmup_updates, cfg.min_lr_ratio)
+            for optimizer, lr in ((policy_optimizer, cfg.lr), (value_optimizer, cfg.value_lr)):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * lr_scale
+
+            # 1. sample y ~ pi(. | x): one response per prompt. Every rank draws the same B prompts
+            #    and samples its share, B / W of them (all B in one process), with its own dice
+            batch_prompts = runtime.shard(draw_prompts(prompts, prompt_order, cfg.batch_size, rng))
+            texts, _, (generation,) = sample_responses(policy, tokenizer, batch_prompts,
+                                                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                                       generator=sample_generator,
+                                                       batch_size=len(batch_prompts))   # one batch: one Generation
+
+            # 2. score: s = r(x, y), the RM's normalised score (or gold's); -1 if y never ended (no EOS)
+            if cfg.reward == "gold" and gold_normaliser is None:
+                gold_normaliser = fit_gold_normaliser(generation, batch_prompts, texts, runtime)   # SFT: mean 0, sd 1
+            scores, gold, rm = score_rollout(generation, batch_prompts, texts, reward=cfg.reward,
+                                             reward_scorer=reward_scorer, gold_normaliser=gold_normaliser or (0, 1),
+                                             missing_eos_penalty=cfg.missing_eos_penalty)   # (B,) each
+            rollout = Rollout.from_generation(generation, scores)
+            mask = rollout.response_mask   # (B, R): 1 on the response's tokens up to and including its EOS
+            rollout_seconds = time.time() - t0
+
+            # 3. old logprobs, reference logprobs, values, (B, R) each: no gradient, computed over the very
+            #    minibatches the first epoch will use (so that its first minibatch has ratio exactly 1)
+            orders = minibatch_orders(rollout.batch_size, cfg.num_minibatches, cfg.ppo_epochs, rng)
+            # old logprobs: log pi_old(y_t | x, y_<t), the policy before this update, logits / temperature
+            rollout.logprobs, rollout.entropy = rollout_logprobs(policy, rollout, orders[0], cfg.temperature)
+            # reference logprobs: log pi_ref(y_t | x, y_<t), the frozen SFT model, the same temperature
+            rollout.ref_logprobs, _ = rollout_logprobs(ref_policy, rollout, orders[0], cfg.temperature)
+            # values: V_t = V(x, y_<t), the critic's estimate of the return from the state before token t
+            rollout.values = rollout_values(critic, rollout, orders[0])
+
+            # 4. per-token KL and KL-shaped rewards: kl_t = log pi_old(y_t) - log pi_ref(y_t) (k1, --kl-estimator),
+            #    r_t = -beta * kl_t, plus s on the last valid token (the EOS): sum_t r_t = s - beta * KL
+            kl_coef = kl_controller.value
+            rollout.rewards, rollout.kl = kl_shaped_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs,
+                                                            mask, kl_coef, kl_kind=cfg.kl_estimator)   # (B, R) each
+
+            # 5. GAE advantages and returns: delta_t = r_t + gamma * V_{t+1} - V_t,
+            #    A_t = delta_t + gamma * lam * A_{t+1} (nothing past the last valid token), R_t = A_t + V_t
+            advantages, rollout.returns = gae(rollout.rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+
+            # 6. whitened advantages: A_t <- (A_t - mean) / std over every rank's valid tokens (after R_t: trap)
+            rollout.advantages = masked_whiten(advantages, mask, all_reduce=runtime.all_reduce_sum)
+            # the logged objective/*, means over every rank's rows: objective/kl = mean over responses of sum_t kl_t
+            record = rollout_stats(rollout, kl_coef, runtime, gold=gold, rm=rm)
+
+            # 7. PPO epochs: every sample once per epoch, in shuffled minibatches; each minibatch
+            #    steps the policy (clipped surrogate) and the critic (clipped value loss)
+            t1 = time.time()
+            stats, epochs_run, stopped_early = [], 0, False
+            for minibatches in orders:
+                if stopped_early:
+                    break
+                epochs_run += 1
+                for index in minibatches:
+                    batch = rollout.select(index)   # these rows, trimmed to the columns they use: (b, R')
+                    share = token_share(batch.response_mask.sum().item(), runtime)   # 1.0 in one process
+                    # policy: ratio_t = pi(y_t) / pi_old(y_t) = exp(logp_t - old_logp_t)  (1 on the first minibatch)
+                    #   L_clip = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+                    #   policy_stats: clipfrac = share of tokens where the clipped term is the larger,
+                    #                 approxkl = mean_t (logp_t - old_logp_t)^2 / 2
+                    logprobs, entropy = policy_logprobs(train_policy, batch, cfg.temperature)   # (b, R'), with gradient
+                    policy_loss, policy_stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages,
+                                                                batch.response_mask, cfg.clip_range)
+                    loss = policy_loss * share   # this rank's share of the global minibatch's token mean
+                    ptx_stats = {}
+                    if ptx_batch is not None:    # PPO-ptx: + ptx_coef * LM loss on pretraining text
+                        ptx_inputs, ptx_targets = ptx_batch()
+                        ptx_loss = lm_loss(train_policy, ptx_inputs, ptx_targets)
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        ptx_stats["loss/ptx"] = (ptx_loss.item(), ptx_targets.numel())
+                    policy_grad_norm = optimizer_step(policy_optimizer, train_policy, loss, grad_clip=cfg.grad_clip,
+                                                      step=step, what="the policy loss")   # backward, clip, step
+                    # critic: L_V = 0.5 * mean_t max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -c, c) - R_t)^2)
+                    values = critic_values(train_critic, batch)                           # (b, R'), with gradient
+                    value_loss, value_stats = ppo_value_loss(values, batch.values, batch.returns,
+                                                             batch.response_mask, cfg.clip_range_value)
+                    value_grad_norm = optimizer_step(value_optimizer, train_critic, value_loss * share,
+                                                     grad_clip=cfg.grad_clip, step=step, what="the value loss")
+                    # the minibatch's stats over every rank's tokens; stop early past --target-kl (every rank)
+                    stats.append(minibatch_stats(runtime, batch.response_mask, policy_stats=policy_stats,
+                                                 entropy=entropy, policy_grad_norm=policy_grad_norm,
+                                                 value_stats=value_stats, value_grad_norm=value_grad_norm,
+                                                 extra=ptx_stats))
+                    if cfg.target_kl > 0 and stats[-1]["policy/approxkl"] > cfg.target_kl:
+                        stopped_early = True   # the policy moved too far from pi_old: end this update
+                        break
+            record.update(mean_over_minibatches(stats))
+            record.update({"val/vf_loss": record["loss/value"], "policy/epochs": epochs_run,
+                           "policy/early_stop": float(stopped_early)})
+
+            # 8. KL controller, with this batch's KL = objective/kl (nats per response; fixed beta: no change):
+            #    beta <- beta * (1 + clip(KL / kl_target - 1, -0.2, 0.2) * B / kl_horizon)
+            kl_controller.update(record["objective/kl"], cfg.batch_size)
+
+            # ---- logs, held-out evaluation, ppo.pt every --save-every updates
+            (n_tokens,) = runtime.sum_over_ranks(mask.sum().item())   # every rank's (progress line)
+            record.update({"kl_coef": kl_coef, "lr": cfg.lr * lr_scale, "time/rollout_s": rollout_seconds,
+                           "time/update_s": time.time() - t1,
+                           "time/episodes_per_s": cfg.batch_size / (time.time() - t0)})
+            if step % cfg.sample_every == 0 or step == 1:   # (rank 0's samples)
+                for prompt, text, score, g in list(zip(batch_prompts, texts, scores.tolist(), gold.tolist()))[:3]:
+                    print(f"  [sample] {prompt!r} -> {text!r} | score {score:+.2f} | gold {g:.2f}")
+            if step == cfg.total_updates or (cfg.eval_every and step % cfg.eval_every == 0):
+                record.update(evaluate(step))
+            log.log(step, **record)
+            progress.log(step, tokens=int(n_tokens), score=record["objective/scores"], gold=record["objective/gold"],
+                         kl=record["objective/kl"], beta=kl_coef, clipfrac=record["policy/clipfrac"])
+            summary = {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            if step % cfg.save_every == 0 or step == cfg.total_updates:
+                log.commit()   # the metrics first: a stop during the save leaves them ahead, never behind
+                save_run(out_path, step, {**summary, **baseline}, cfg=cfg, tokenizer=tokenizer, runtime=runtime,
+                         prompt_order=prompt_order, gold_normaliser=gold_normaliser, **run_state)
+
+    minutes = (time.time() - start) / 60
+    summary["minutes"] = minutes
+    save_run(out_path, cfg.total_updates, {**summary, **baseline}, cfg=cfg, tokenizer=tokenizer, runtime=runtime,
+             prompt_order=prompt_order, gold_normaliser=gold_normaliser, **run_state)
+    if not runtime.is_main:
+        return   # rank 0 alone plots and reports
+    curves, overopt = plot_run(cfg, metrics_path)
+    if "eval/gold" in summary:
+        print(f"held-out gold: SFT {baseline['sft/gold']:.3f} -> PPO {summary['eval/gold']:.3f} "
+              f"({summary['eval/gold_gain_sd']:+.2f} SFT standard deviations), KL {summary['eval/kl']:.2f} nats")
+    print(f"done in {minutes:.1f} min")
+    print(f"wrote {out_path}, {metrics_path}, {curves}, {overopt}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: the reward model and the critic, PPO-ptx's batches, the processes, the plots
+# ----------------------------------------------------------------------------------------------
+
+
+def load_reward_model_and_critic(cfg: PPOConfig, tokenizer: Tokenizer, policy, runtime):
+    """The reward model (frozen; None with --reward gold and no rm.pt) and the critic (trained): a
+    copy of the reward model (InstructGPT), or the SFT trunk with a value head at zero without one.
+    The critic's embeddings and lowest --critic-freeze-layers blocks are frozen."""
+    rm_path = cfg.reward_model or os.path.join(cfg.out_dir, "rm.pt")
+    reward_scorer = None
+    if cfg.reward == "rm" or os.path.exists(rm_path):
+        reward_scorer = load_reward_model(rm_path, tokenizer, runtime)
+        if reward_scorer.model.config.block_size < policy.config.block_size:
+            raise UserError(f"{rm_path}: block_size {reward_scorer.model.config.block_size} is shorter than the "
+                            f"policy's {policy.config.block_size}")
+        critic = critic_from_reward_model(reward_scorer)   # InstructGPT: the value function starts as the RM
+    else:
+        print(f"note: {rm_path} not found: no RM score in the logs, and the critic starts from the SFT model")
+        critic = critic_from_policy(policy)
+    if cfg.critic_freeze_layers > critic.config.n_layer:
+        raise UserError(f"--critic-freeze-layers {cfg.critic_freeze_layers}: the critic has only "
+                        f"{critic.config.n_layer} blocks")
+    runtime.prepare(critic)   # a new module: give it the device and precision of the others
+    critic.trunk.freeze_lower(cfg.critic_freeze_layers)
+    return reward_scorer, critic
+
+
 def pretraining_batches(cfg: PPOConfig, tokenizer: Tokenizer, runtime, generator):
     """PPO-ptx: a function returning random windows of the pretraining corpus (InstructGPT eq. 2's
     gamma * E_pretrain[log pi(x)] term), or None when --ptx-coef is 0. Every rank draws the same
@@ -160,242 +392,9 @@ def check_processes(cfg: PPOConfig, world_size: int) -> None:
         raise UserError(f"--ptx-batch-size {cfg.ptx_batch_size} must be divisible by the {world_size} processes")
 
 
-def restore_sample_generator(generator, ckpt: dict, runtime) -> None:
-    """Give this rank the sampling dice it had when the checkpoint was written.
-
-    A checkpoint stores every rank's generator state (`sample_rng_states`; older ones only rank 0's,
-    `sample_rng_state`). Written with another number of processes, the ranks the checkpoint knows
-    restore their own state and any other rank keeps its fresh stream (seed + rank * stride: dice
-    that the earlier run never drew from), so no two ranks repeat each other's samples.
-    """
-    states = ckpt.get("sample_rng_states") or [ckpt["sample_rng_state"]]
-    if runtime.rank < len(states):
-        generator.set_state(states[runtime.rank])
-    if len(states) != runtime.world_size:
-        print(f"note: the checkpoint holds the sampling dice of {len(states)} process(es), this run has "
-              f"{runtime.world_size}: ranks below {min(len(states), runtime.world_size)} restore their own, "
-              "any other rank starts a fresh stream")
-
-
-def plot_overoptimisation(records: list[dict], reward: str, out_path: str) -> None:
-    """Proxy score (what PPO optimises) and gold score against sqrt(KL to the reference), as Gao et
-    al. 2022 plot them, from the held-out evaluations. Both are changes since SFT in units of the SFT
-    policy's spread: the RM is normalised that way already; gold is (gold - gold_sft) / sd_sft."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from minirlhf.plots import save_figure
-
-    evals = [r for r in records if r.get("eval/gold") is not None and r.get("eval/kl") is not None]
-    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_title(f"Over-optimisation view (held-out prompts, reward = {reward})")
-    if not evals:
-        ax.text(0.5, 0.5, "no held-out evaluation (--eval-prompts 0)", ha="center", va="center",
-                transform=ax.transAxes)
-        save_figure(fig, out_path)
-        return
-    gold0, sd0 = evals[0]["eval/gold"], max(evals[0].get("eval/gold_sd") or 1.0, 1e-6)
-    sqrt_kl = [math.sqrt(max(r["eval/kl"], 0.0)) for r in evals]  # k1 KL of a few samples can dip below 0
-    if all(r.get("eval/rm") is not None for r in evals):
-        label = "proxy: reward model score" if reward == "rm" else "reward model score (not optimised here)"
-        ax.plot(sqrt_kl, [r["eval/rm"] - evals[0]["eval/rm"] for r in evals], "o-", color="C0", label=label)
-    gold = [(r["eval/gold"] - gold0) / sd0 for r in evals]
-    ax.plot(sqrt_kl, gold, "s-", color="C3", label="gold labeler score")
-    for x, y, record in zip(sqrt_kl, gold, evals):   # which update each point is
-        ax.annotate(str(record["step"]), (x, y), fontsize=7, alpha=0.6, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(0.0, color="0.5", linewidth=0.8)
-    ax.set_xlabel("sqrt(KL(policy || SFT))   (KL in nats per response; labels: PPO update)")
-    ax.set_ylabel("change since SFT (SFT standard deviations)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    save_figure(fig, out_path)
-
-
-def main() -> None:
-    cfg = parse_config(PPOConfig, PRESETS, description=__doc__)
-    runtime = setup_runtime(cfg.device, cfg.dtype, cfg.seed, kernels=cfg.kernels)
-    print_config(cfg, "train_ppo")   # after setup_runtime: under torchrun rank 0 alone prints
-    check_processes(cfg, runtime.world_size)
-
-    # ---- models: policy (trained), reference (frozen SFT), reward model (frozen), critic (trained)
-    tokenizer = Tokenizer.from_file(os.path.join(cfg.data_dir, "tokenizer.tiktoken"))
-    init_path = cfg.init or os.path.join(cfg.out_dir, "sft.pt")
-    policy, _ = load_policy(init_path, tokenizer.identity, runtime)
-    ref_policy, _ = load_policy(init_path, tokenizer.identity, runtime)
-    ref_policy.requires_grad_(False)
-    rm_path = cfg.reward_model or os.path.join(cfg.out_dir, "rm.pt")
-    reward_scorer = None
-    if cfg.reward == "rm" or os.path.exists(rm_path):
-        reward_scorer = load_reward_model(rm_path, tokenizer, runtime)
-        if reward_scorer.model.config.block_size < policy.config.block_size:
-            raise UserError(f"{rm_path}: block_size {reward_scorer.model.config.block_size} is shorter than the "
-                            f"policy's {policy.config.block_size}")
-        critic = critic_from_reward_model(reward_scorer)   # InstructGPT: the value function starts as the RM
-    else:
-        print(f"note: {rm_path} not found: no RM score in the logs, and the critic starts from the SFT model")
-        critic = critic_from_policy(policy)
-    if cfg.critic_freeze_layers > critic.config.n_layer:
-        raise UserError(f"--critic-freeze-layers {cfg.critic_freeze_layers}: the critic has only "
-                        f"{critic.config.n_layer} blocks")
-    runtime.prepare(critic)   # a new module: give it the device and precision of the others
-    critic.trunk.freeze_lower(cfg.critic_freeze_layers)
-    policy_optimizer = policy.configure_optimizer(0.0, cfg.lr)
-    value_optimizer = critic.configure_optimizer(0.0, cfg.value_lr)
-    kl_controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-                     else FixedKLController(cfg.kl_coef))
-
-    # ---- prompts
-    prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "ppo_prompts.jsonl"))
-    eval_prompts = evenly_spaced(read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl")), cfg.eval_prompts)
-    longest = max(len(render_chat(tokenizer, p)) for p in prompts + eval_prompts)
-    if longest + cfg.max_new_tokens > policy.config.block_size:
-        raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
-                        f"the model's block_size {policy.config.block_size}")
-    if runtime.is_main:
-        make_out_dir(cfg.out_dir)   # a file, or read-only: one line now, not at the first save
-    rng = runtime.cpu_generator(cfg.seed)            # prompt order, minibatches, ptx: the same on every rank
-    sample_generator = runtime.generator(cfg.seed)   # the policy's sampling: each rank its own dice
-    ptx_batch = pretraining_batches(cfg, tokenizer, runtime, rng)
-
-    # ---- resume
-    out_path = os.path.join(cfg.out_dir, "ppo.pt")
-    metrics_path = os.path.join(cfg.out_dir, "ppo_metrics.jsonl")
-    start_update, gold_normaliser, baseline = 0, None, {}
-    prompt_order: list[int] = []   # the prompts of this pass over the file not drawn yet (indices)
-    if cfg.resume:
-        ckpt = load_checkpoint(out_path, kind="ppo", tokenizer_identity=tokenizer.identity)
-        policy.load_state_dict(ckpt["model"])
-        critic.load_state_dict(ckpt["value_model"])
-        policy_optimizer.load_state_dict(ckpt["policy_optimizer"])
-        value_optimizer.load_state_dict(ckpt["value_optimizer"])
-        kl_controller.value = float(ckpt["kl_coef"])
-        rng.set_state(ckpt["rng_state"])
-        prompt_order = list(ckpt.get("prompt_order", []))   # the rest of this pass (older checkpoints: reshuffled)
-        restore_sample_generator(sample_generator, ckpt, runtime)
-        start_update = ckpt["step"]
-        gold_normaliser = tuple(ckpt["gold_normaliser"]) if ckpt.get("gold_normaliser") else None
-        baseline = {k: v for k, v in ckpt["metrics"].items() if k.startswith("sft/")}
-        print(f"resumed from {out_path} at update {start_update}, kl_coef {kl_controller.value:.4g}")
-        if start_update >= cfg.total_updates:
-            raise UserError(f"{out_path} is already at update {start_update} >= --total-updates {cfg.total_updates}")
-    # the modules the TRAINING forwards go through: DistributedDataParallel under torchrun (its
-    # backward averages the gradients over the ranks), the models themselves in one process
-    train_policy, train_critic = runtime.wrap(policy), runtime.wrap(critic)
-
-    # evaluate(update): the held-out eval/* metrics; the first call (the SFT policy) fills `baseline`
-    evaluate = HeldOutEvaluation(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                                 batch_size=cfg.batch_size, runtime=runtime, reward_scorer=reward_scorer,
-                                 baseline=baseline)
-
-    def save(update: int, summary: dict) -> None:
-        # every rank's sampling dice (a collective: all ranks call save), so that --resume gives each its own
-        sample_rng_states = runtime.gather_objects([sample_generator.get_state().cpu()])
-        if not runtime.is_main:
-            return   # rank 0 alone writes
-        save_checkpoint(out_path, kind="ppo", model_state=policy.state_dict(), model_config=asdict(policy.config),
-                        tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=update,
-                        metrics={**summary, **baseline}, value_model=critic.state_dict(),
-                        value_model_config=asdict(critic.config), policy_optimizer=policy_optimizer.state_dict(),
-                        value_optimizer=value_optimizer.state_dict(), kl_coef=float(kl_controller.value),
-                        rng_state=rng.get_state(), prompt_order=list(prompt_order),
-                        sample_rng_state=sample_rng_states[0], sample_rng_states=sample_rng_states,   # (older readers: one)
-                        gold_normaliser=list(gold_normaliser) if gold_normaliser else None, reward=cfg.reward)
-
-    # ---- the loop
-    print(f"PPO: {cfg.total_updates} updates x {cfg.batch_size} prompts, reward = {cfg.reward}, "
-          f"{len(prompts)} prompts, {len(eval_prompts)} x {cfg.eval_samples} held-out samples per evaluation")
-    if runtime.distributed:
-        print(f"data parallel: {runtime.world_size} processes x {cfg.batch_size // runtime.world_size} prompts "
-              f"({runtime.device}, {runtime.dtype})")
-    progress = Progress(cfg.total_updates, desc="ppo", every=1, start=start_update)
-    start = time.time()
-    summary: dict = {}
-    with MetricsLogger(metrics_path, resume_step=start_update if cfg.resume else None,
-                       enabled=runtime.is_main) as log:
-        if start_update == 0 and eval_prompts:
-            log.log(0, **evaluate(0))
-        for update in range(start_update, cfg.total_updates):
-            t0 = time.time()
-            lr_scale = cosine_lr(update, cfg.total_updates, 1.0, cfg.warmup_updates, cfg.min_lr_ratio)
-            for optimizer, lr in ((policy_optimizer, cfg.lr), (value_optimizer, cfg.value_lr)):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * lr_scale
-
-            # 1-2. rollout and scores. Every rank draws the same global batch; each samples its share.
-            while len(prompt_order) < cfg.batch_size:        # passes over the prompts, reshuffled each time
-                prompt_order += torch.randperm(len(prompts), generator=rng).tolist()
-            global_batch = [prompts[i] for i in prompt_order[:cfg.batch_size]]
-            del prompt_order[:cfg.batch_size]
-            batch_prompts = runtime.shard(global_batch)   # this rank's B / W of them (all B in one process)
-            texts, _, (generation,) = sample_responses(policy, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens,
-                                                       temperature=cfg.temperature, generator=sample_generator,
-                                                       batch_size=len(batch_prompts))   # one batch: one Generation
-            if cfg.reward == "gold" and gold_normaliser is None:
-                # the SFT policy's gold mean and spread on this first batch (every rank's samples)
-                # give the gold reward the RM's scale
-                _, first_gold, _ = score_rollout(generation, batch_prompts, texts, reward="gold")
-                first_gold = torch.tensor(runtime.gather_objects(first_gold.tolist()))
-                gold_normaliser = (first_gold.mean().item(), max(first_gold.std(unbiased=False).item(), 1e-3))
-                print(f"gold reward normalised with the SFT batch's mean {gold_normaliser[0]:.3f}, "
-                      f"sd {gold_normaliser[1]:.3f}")
-            scores, gold, rm = score_rollout(generation, batch_prompts, texts, reward=cfg.reward,
-                                             reward_scorer=reward_scorer, gold_normaliser=gold_normaliser or (0, 1),
-                                             missing_eos_penalty=cfg.missing_eos_penalty)
-            rollout = Rollout.from_generation(generation, scores)
-            rollout_seconds = time.time() - t0
-
-            # 3-4. old logprobs, reference logprobs, values (this rank's rows, no gradient: the
-            # models themselves, not the DDP wrappers); rewards and advantages, whitened over all ranks
-            orders = minibatch_orders(rollout.batch_size, cfg.num_minibatches, cfg.ppo_epochs, rng)
-            forward_rollout(rollout, policy, ref_policy, critic, temperature=cfg.temperature, minibatches=orders[0])
-            kl_coef = kl_controller.value
-            rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = compute_advantages(
-                rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.response_mask,
-                kl_coef=kl_coef, gamma=cfg.gamma, lam=cfg.lam, kl_estimator=cfg.kl_estimator,
-                all_reduce=runtime.all_reduce_sum)
-            record = rollout_stats(rollout, kl_coef, runtime)   # means over every rank's rows
-            objective = {"objective/gold": (gold.mean().item(), len(gold))}   # (this rank's mean, its samples)
-            if rm is not None:
-                objective["objective/rm"] = (rm.mean().item(), len(rm))
-            record.update(means_over_ranks(runtime, objective))
-
-            # 5. PPO epochs, then the KL controller sees this batch's KL
-            t1 = time.time()
-            update_stats = ppo_update(rollout, train_policy, train_critic, policy_optimizer, value_optimizer,
-                                      orders=orders, temperature=cfg.temperature, clip_range=cfg.clip_range,
-                                      clip_range_value=cfg.clip_range_value, grad_clip=cfg.grad_clip,
-                                      target_kl=cfg.target_kl, ptx_batch=ptx_batch, ptx_coef=cfg.ptx_coef,
-                                      step=update + 1, runtime=runtime)
-            update_stats.pop("minibatch_stats")
-            kl_controller.update(record["objective/kl"], cfg.batch_size)
-            (n_tokens,) = runtime.sum_over_ranks(rollout.response_mask.sum().item())   # every rank's (progress line)
-            record.update(update_stats)
-            record.update({"kl_coef": kl_coef, "lr": cfg.lr * lr_scale, "time/rollout_s": rollout_seconds,
-                           "time/update_s": time.time() - t1,
-                           "time/episodes_per_s": cfg.batch_size / (time.time() - t0)})
-
-            step = update + 1
-            if step % cfg.sample_every == 0 or step == 1:   # (rank 0's samples)
-                for prompt, text, score, g in list(zip(batch_prompts, texts, scores.tolist(), gold.tolist()))[:3]:
-                    print(f"  [sample] {prompt!r} -> {text!r} | score {score:+.2f} | gold {g:.2f}")
-            if step == cfg.total_updates or (cfg.eval_every and step % cfg.eval_every == 0):
-                record.update(evaluate(step))
-            log.log(step, **record)
-            progress.log(step, tokens=int(n_tokens), score=record["objective/scores"], gold=record["objective/gold"],
-                         kl=record["objective/kl"], beta=kl_coef, clipfrac=record["policy/clipfrac"])
-            summary = {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            if step % cfg.save_every == 0 or step == cfg.total_updates:
-                log.commit()   # the metrics first: a stop during the save leaves them ahead, never behind
-                save(step, summary)
-
-    minutes = (time.time() - start) / 60
-    summary["minutes"] = minutes
-    save(cfg.total_updates, summary)
-    if not runtime.is_main:
-        return   # rank 0 alone plots and reports
+def plot_run(cfg: PPOConfig, metrics_path: str) -> tuple[str, str]:
+    """ppo_curves.png (the training curves) and ppo_overopt.png (proxy and gold score against
+    sqrt(KL), Gao et al. 2022) from the metrics file. Returns their paths."""
     curves = os.path.join(cfg.out_dir, "ppo_curves.png")
     overopt = os.path.join(cfg.out_dir, "ppo_overopt.png")
     records = read_metrics(metrics_path)
@@ -415,11 +414,7 @@ def main() -> None:
         {"keys": ["eos_rate", "eval/eos_rate"], "title": "share of responses that end (EOS)", "ylabel": "fraction"},
     ], curves, title=f"PPO (reward = {cfg.reward})", xlabel="PPO update")
     plot_overoptimisation(records, cfg.reward, overopt)
-    if "eval/gold" in summary:
-        print(f"held-out gold: SFT {baseline['sft/gold']:.3f} -> PPO {summary['eval/gold']:.3f} "
-              f"({summary['eval/gold_gain_sd']:+.2f} SFT standard deviations), KL {summary['eval/kl']:.2f} nats")
-    print(f"done in {minutes:.1f} min")
-    print(f"wrote {out_path}, {metrics_path}, {curves}, {overopt}")
+    return curves, overopt
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The stages' figures: training curves and score scatter plots, written as PNG files.
+"""The stages' figures: training curves, score scatter plots and RL's over-optimisation view, as PNG files.
 
 Every stage ends with
 
@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from minirlhf.checkpoint import atomic_write
 from minirlhf.metrics import ema, pearson_r, spearman_rho
 
-__all__ = ["plot_curves", "plot_scatter", "save_figure", "curve_smoothing", "DPI"]
+__all__ = ["plot_curves", "plot_scatter", "plot_overoptimisation", "save_figure", "curve_smoothing", "DPI"]
 
 DPI = 110
 PANEL_SIZE = (5.2, 3.6)  # inches per subplot: ~570 x 400 pixels at DPI, readable on a laptop screen
@@ -201,6 +201,39 @@ def plot_scatter(
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    save_figure(fig, out_path)
+
+
+def plot_overoptimisation(records: list[dict], reward: str, out_path: str | os.PathLike) -> None:
+    """Proxy score (what PPO optimises) and gold score against sqrt(KL to the reference), as Gao et
+    al. 2022 plot them, from the held-out evaluations of an RL run's metrics (`eval/gold`, `eval/kl`,
+    `eval/rm`; `reward`: what the run optimised, "rm" or "gold"). Both are changes since SFT in units
+    of the SFT policy's spread: the RM is normalised that way already; gold is
+    (gold - gold_sft) / sd_sft."""
+    evals = [r for r in records if r.get("eval/gold") is not None and r.get("eval/kl") is not None]
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(f"Over-optimisation view (held-out prompts, reward = {reward})")
+    if not evals:
+        ax.text(0.5, 0.5, "no held-out evaluation (--eval-prompts 0)", ha="center", va="center",
+                transform=ax.transAxes)
+        save_figure(fig, out_path)
+        return
+    gold0, sd0 = evals[0]["eval/gold"], max(evals[0].get("eval/gold_sd") or 1.0, 1e-6)
+    sqrt_kl = [math.sqrt(max(r["eval/kl"], 0.0)) for r in evals]  # k1 KL of a few samples can dip below 0
+    if all(r.get("eval/rm") is not None for r in evals):
+        label = "proxy: reward model score" if reward == "rm" else "reward model score (not optimised here)"
+        ax.plot(sqrt_kl, [r["eval/rm"] - evals[0]["eval/rm"] for r in evals], "o-", color="C0", label=label)
+    gold = [(r["eval/gold"] - gold0) / sd0 for r in evals]
+    ax.plot(sqrt_kl, gold, "s-", color="C3", label="gold labeler score")
+    for x, y, record in zip(sqrt_kl, gold, evals):   # which update each point is
+        ax.annotate(str(record["step"]), (x, y), fontsize=7, alpha=0.6, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.0, color="0.5", linewidth=0.8)
+    ax.set_xlabel("sqrt(KL(policy || SFT))   (KL in nats per response; labels: PPO update)")
+    ax.set_ylabel("change since SFT (SFT standard deviations)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     save_figure(fig, out_path)

@@ -1,35 +1,30 @@
-"""PPO for RLHF: rollout -> rewards -> advantages -> minibatch updates (step 3 of the recipe).
+"""The pieces of PPO's loop that train_ppo.py calls (step 3 of the recipe); train_grpo.py shares them.
 
-Lesson: this file is the RL loop of InstructGPT (Ouyang et al. 2022, section 3.5, eq. 2), in the
-shape OpenAI's lm-human-preferences (LHP) and TRL give it (Huang et al. 2024, "The N Implementation
-Details of RLHF with PPO"). One PPO *update* is:
+train_ppo.py writes one PPO *update* out in full: sample, score, old/reference logprobs and values,
+KL-shaped rewards, GAE, whitening, epochs x minibatches of clipped losses, the KL controller. The
+maths lives in `losses.py` and `kernels/` (pure functions on (B, T) tensors). This file holds what
+the loop needs around them:
 
-1. **Rollout.** Sample one response per prompt from the policy with the KV cache
-   (`training.sample_responses`): each row stops at its first EOS (kept; PAD after it).
-2. **Score.** The reward model scores each (prompt, response) once (`score_rollout`), normalised so
-   that SFT samples have mean 0 and std 1. A response that never emitted EOS gets a fixed penalty
-   score instead (the RM has no sensible score for a cut-off text). The gold labeler scores it too,
-   for the logs only: PPO never sees the gold score unless `--reward gold` is asked for.
-3. **Forward passes** (`forward_rollout`): the log-probabilities of the sampled tokens under the
-   policy ("old" logprobs) and the frozen reference (the SFT model), both with the logits divided by
-   the sampling temperature, and the critic's values. Same convention everywhere: the hidden state
-   at position ``P - 1 + t`` of a (prompt + response) sequence predicts response token ``t``, and
-   the value read there is V(state before token t).
-4. **Rewards and advantages** (`compute_advantages`): per token ``-kl_coef * (logp - ref_logp)``,
-   plus the score once, on the last valid token (the EOS); GAE (gamma, lambda) that does not
-   bootstrap past the end; returns = advantages + values; then advantages whitened over the valid
-   tokens of the batch.
-5. **Update** (`ppo_update`): ``ppo_epochs`` passes over the batch in shuffled minibatches (every
-   sample once per pass); the clipped policy loss (PPO, Schulman et al. 2017, eq. 7) steps the
-   policy, the clipped value loss steps the critic (separate models, separate optimizers).
+* `Rollout`: one batch of experience, and `Rollout.select`, the trimmed rows of a minibatch;
+* sampling and scoring: `draw_prompts`, `score_rollout`, `fit_gold_normaliser`;
+* the forward passes: `minibatch_orders`, `policy_logprobs` and `critic_values` (one minibatch,
+  with gradient), `rollout_logprobs` and `rollout_values` (the whole rollout at rollout time, no
+  gradient: the old logprobs, the reference logprobs, the values);
+* one gradient step, `optimizer_step`; the logged stats, `minibatch_stats`, `mean_over_minibatches`,
+  `rollout_stats`;
+* data parallelism: `token_share`, `means_over_ranks`;
+* saving and resuming a run: `save_run`, `resume_run`; the critic's start: `critic_from_reward_model`.
 
+The shape is InstructGPT's (Ouyang et al. 2022, section 3.5, eq. 2) as OpenAI's lm-human-preferences
+(LHP) and TRL implement it (Huang et al. 2024, "The N Implementation Details of RLHF with PPO").
 Three details that are easy to get wrong, pinned here and in `tests/test_ppo.py`:
 
 * **The first minibatch has ratio exactly 1.** The old logprobs are recomputed by a forward pass
   (not taken from the sampler, whose KV-cache arithmetic differs in the last bits), over the very
-  same minibatches, trimmed the same way, that the first epoch will use. So the first minibatch's
-  new logprobs are bit-for-bit the old ones: ratio 1, clipfrac 0, approxkl 0. Anything else
-  (dropout left on, a different temperature, a different batch split) shows up there first.
+  same minibatches, trimmed the same way, that the first epoch will use (`rollout_logprobs` over
+  the first epoch of `minibatch_orders`). So the first minibatch's new logprobs are bit-for-bit the
+  old ones: ratio 1, clipfrac 0, approxkl 0. Anything else (dropout left on, a different
+  temperature, a different batch split) shows up there first.
 * **Dropout off everywhere.** Every model here stays in ``eval()`` mode, training included:
   ``eval()`` only switches dropout off; gradients flow the same.
 * **The KL the adaptive controller sees** is the per-sequence *sum* of per-token KL, averaged over
@@ -38,47 +33,56 @@ Three details that are easy to get wrong, pinned here and in `tests/test_ppo.py`
 **Data parallelism** (``torchrun --nproc_per_node=W train_ppo.py``). The B prompts of an update
 are split over the W ranks; each rank samples, scores and runs the forward passes of its B/W rows
 alone, with its own dice. What must see the whole batch is reduced over the ranks (the functions
-that do it take an optional `Runtime`, or `all_reduce`; without one, or in one process, they are
-exactly the single-process functions):
+that do it take a `Runtime`, or `all_reduce`; in one process they are exactly the single-process
+functions):
 
-* advantages are whitened with the mean and variance of *every* rank's valid tokens;
+* advantages are whitened with the mean and variance of *every* rank's valid tokens
+  (`losses.masked_whiten(..., all_reduce=runtime.all_reduce_sum)`);
 * each rank cuts its rows into the same number of minibatches; minibatch j of the update is the
-  union of every rank's minibatch j. A loss that is a mean over valid tokens divides this rank's
-  sum by (tokens of the global minibatch / W) (`token_share`): DDP averages the W gradients, so
-  the step is exactly one process's step on the global minibatch;
+  union of every rank's minibatch j. A loss that is a mean over valid tokens is multiplied by
+  `token_share` (this rank's tokens over the global minibatch's / W): DDP averages the W gradients,
+  so the step is exactly one process's step on the global minibatch;
 * the logged means, the KL the controller sees and the approximate KL that stops an update early
-  (`target_kl`) are means over every rank's tokens or samples (all ranks stop together; a rank
+  (`--target-kl`) are means over every rank's tokens or samples (all ranks stop together; a rank
   that skipped a minibatch would leave the others waiting in DDP's all-reduce).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from minirlhf import labeler
-from minirlhf.kernels import gae
-from minirlhf.losses import kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
+from minirlhf.checkpoint import load_checkpoint, save_checkpoint
+from minirlhf.cli import UserError
+from minirlhf.losses import masked_mean
 from minirlhf.model import GPT, ValueModel
 from minirlhf.reward import MISSING_EOS_PENALTY, task_reward
 from minirlhf.runtime import Runtime
-from minirlhf.training import check_finite, lm_loss, response_logprobs, unwrap
+from minirlhf.training import check_finite, response_logprobs
 
 __all__ = [
     "Rollout",
     "Minibatch",
+    "draw_prompts",
     "score_rollout",
+    "fit_gold_normaliser",
     "minibatch_orders",
     "policy_logprobs",
     "critic_values",
-    "forward_rollout",
-    "compute_advantages",
-    "ppo_update",
+    "rollout_logprobs",
+    "rollout_values",
+    "optimizer_step",
+    "minibatch_stats",
+    "mean_over_minibatches",
     "rollout_stats",
     "token_share",
     "means_over_ranks",
+    "save_run",
+    "resume_run",
+    "restore_sample_generator",
     "critic_from_reward_model",
     "critic_from_policy",
 ]
@@ -119,13 +123,11 @@ class Rollout:
     ended           (B,) bool         the response emitted EOS within the budget
     scores          (B,) float        what PPO maximises: normalised RM score, or the penalty
 
-    Filled by `forward_rollout` (no gradient; the state of the models at rollout time):
+    Filled by train_ppo.py's loop, at rollout time (no gradient):
     logprobs        (B, R)  log pi_old(token), at the sampling temperature ("old" logprobs)
     ref_logprobs    (B, R)  log pi_ref(token), same temperature
     values          (B, R)  V(state before token t) from the critic
     entropy         (B, R)  entropy of the policy's sampling distribution at each token
-
-    Filled by `compute_advantages`:
     rewards, kl     (B, R)  KL-shaped per-token rewards and the per-token KL estimate
     advantages      (B, R)  whitened GAE advantages
     returns         (B, R)  value targets, advantages + values (before whitening)
@@ -180,8 +182,22 @@ class Rollout:
 
 
 # ----------------------------------------------------------------------------------------------
-# Steps 1-2: sample and score
+# Sample and score
 # ----------------------------------------------------------------------------------------------
+
+
+def draw_prompts(prompts: list[str], order: list[int], n: int, generator: torch.Generator) -> list[str]:
+    """The next `n` prompts of passes over `prompts`, each pass in a fresh random order.
+
+    `order` holds the indices of the current pass not drawn yet, and is updated in place: ppo.pt
+    saves it, so a resumed run draws the prompts the interrupted one would have drawn. Every rank
+    draws the same prompts (`generator` is shared) and then takes its share (`Runtime.shard`).
+    """
+    while len(order) < n:   # a new pass, reshuffled
+        order += torch.randperm(len(prompts), generator=generator).tolist()
+    batch = [prompts[i] for i in order[:n]]
+    del order[:n]
+    return batch
 
 
 @torch.no_grad()
@@ -219,8 +235,18 @@ def score_rollout(generation, prompts: list[str], texts: list[str], *, reward: s
     return task_reward(raw, ended, missing_eos_penalty), gold, rm
 
 
+def fit_gold_normaliser(generation, prompts: list[str], texts: list[str], runtime: Runtime) -> tuple[float, float]:
+    """`--reward gold`: the (mean, sd) of the gold scores of the first batch, the SFT policy's
+    samples (every rank's), which give the gold reward the RM's scale (`score_rollout`)."""
+    _, gold, _ = score_rollout(generation, prompts, texts, reward="gold")
+    gold = torch.tensor(runtime.gather_objects(gold.tolist()))
+    normaliser = (gold.mean().item(), max(gold.std(unbiased=False).item(), 1e-3))
+    print(f"gold reward normalised with the SFT batch's mean {normaliser[0]:.3f}, sd {normaliser[1]:.3f}")
+    return normaliser
+
+
 # ----------------------------------------------------------------------------------------------
-# Step 3: forward passes (policy, reference, critic)
+# Forward passes (policy, reference, critic)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -231,7 +257,7 @@ def minibatch_orders(batch_size: int, num_minibatches: int, ppo_epochs: int,
     sample appears exactly once per epoch (sizes differ by at most 1 when B is not divisible).
 
     Drawn before the rollout's forward passes, so that they can use the first epoch's split
-    (see `forward_rollout`: that is what makes the first minibatch's ratio exactly 1).
+    (see `rollout_logprobs`: that is what makes the first minibatch's ratio exactly 1).
     """
     if not 1 <= num_minibatches <= batch_size:
         raise ValueError(f"num_minibatches must be in [1, batch_size={batch_size}], got {num_minibatches}")
@@ -243,7 +269,7 @@ def policy_logprobs(policy: GPT, minibatch: Minibatch, temperature: float):
     """(b, R') logprobs and entropies of the minibatch's response tokens under `policy`
     (logits / temperature). Position P' - 1 + t predicts response token t (see `response_logprobs`)."""
     return response_logprobs(policy, minibatch.sequences, minibatch.attention_mask, minibatch.prompt_len,
-                              temperature=temperature, return_entropy=True)
+                             temperature=temperature, return_entropy=True)
 
 
 def critic_values(critic: ValueModel, minibatch: Minibatch) -> torch.Tensor:
@@ -254,65 +280,152 @@ def critic_values(critic: ValueModel, minibatch: Minibatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward_rollout(rollout: Rollout, policy: GPT, ref_policy: GPT, critic: ValueModel, *,
-                    temperature: float, minibatches: list[torch.Tensor]) -> Rollout:
-    """Fill `rollout.logprobs`, `.ref_logprobs`, `.values` and `.entropy` (no gradient).
+def rollout_logprobs(model: GPT, rollout: Rollout, minibatches: list[torch.Tensor],
+                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) logprobs of the rollout's response tokens under `model` and the (B, R) entropies of
+    its distributions there (logits / temperature), 0 at padding, without gradient: the old
+    logprobs (`model` = the policy as it is now) or the reference logprobs (the SFT model).
 
     The passes run over `minibatches` (pass the first epoch's split from `minibatch_orders`), each
     trimmed as `Rollout.select` trims it, so the first minibatch of the update recomputes exactly
-    these numbers (ratio 1, bit for bit). Results are scattered back to (B, R), 0 at padding.
+    these numbers (ratio 1, bit for bit).
     """
-    for model in (policy, ref_policy, critic):
-        model.eval()  # dropout off (the only thing eval() changes here)
+    model.eval()   # dropout off (the only thing eval() changes here)
+    return _over_minibatches(rollout, minibatches, lambda batch: policy_logprobs(model, batch, temperature))
+
+
+@torch.no_grad()
+def rollout_values(critic: ValueModel, rollout: Rollout, minibatches: list[torch.Tensor]) -> torch.Tensor:
+    """(B, R) values V(state before token t) of the rollout under `critic`, 0 at padding, without
+    gradient; over `minibatches` as `rollout_logprobs`."""
+    critic.eval()   # dropout off
+    (values,) = _over_minibatches(rollout, minibatches, lambda batch: (critic_values(critic, batch),))
+    return values
+
+
+def _over_minibatches(rollout: Rollout, minibatches: list[torch.Tensor], forward) -> list[torch.Tensor]:
+    """Run `forward(minibatch)` (a tuple of (b, R') tensors) on each minibatch of the rollout and
+    scatter the results back into (B, R) tensors, 0 at padding."""
     B, R = rollout.response_mask.shape
     device = rollout.response_mask.device
-    outputs = {name: torch.zeros(B, R, device=device) for name in ("logprobs", "ref_logprobs", "values", "entropy")}
+    outputs: list[torch.Tensor] = []
     for index in minibatches:
         index = index.to(device)
         batch = rollout.select(index)
         width = batch.response_mask.shape[1]
-        logprobs, entropy = policy_logprobs(policy, batch, temperature)
-        ref_logprobs, _ = policy_logprobs(ref_policy, batch, temperature)
-        values = critic_values(critic, batch)
-        for name, value in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values),
-                            ("entropy", entropy)):
-            outputs[name][index, :width] = value.float() * batch.response_mask  # 0 at padding
-    rollout.logprobs, rollout.ref_logprobs = outputs["logprobs"], outputs["ref_logprobs"]
-    rollout.values, rollout.entropy = outputs["values"], outputs["entropy"]
-    return rollout
+        results = forward(batch)
+        if not outputs:
+            outputs = [torch.zeros(B, R, device=device) for _ in results]
+        for output, value in zip(outputs, results):
+            output[index, :width] = value.float() * batch.response_mask   # 0 at padding
+    return outputs
 
 
 # ----------------------------------------------------------------------------------------------
-# Step 4: rewards and advantages
+# One gradient step, and what a minibatch logs
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def compute_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                       values: torch.Tensor, response_mask: torch.Tensor, *, kl_coef: float,
-                       gamma: float = 1.0, lam: float = 0.95, kl_estimator: str = "k1", whiten: bool = True,
-                       all_reduce=None):
-    """KL-shaped rewards -> GAE -> returns -> whitened advantages. All (B, R) but `scores` (B,).
+def optimizer_step(optimizer: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor, *,
+                   grad_clip: float, step: int, what: str) -> float:
+    """One gradient step on `loss`: stop the run if it is NaN/Inf (`check_finite`: the last
+    checkpoint stays intact), zero the gradients, backward (under torchrun `model` is the DDP
+    wrapper, and the gradients are averaged over the ranks here), clip the gradient norm to
+    `grad_clip` (0: no clipping), step. Returns the gradient norm before clipping.
 
-        kl[t]       = kl_penalty(logprobs, ref_logprobs)[t]       (k1: log pi(y_t) - log pi_ref(y_t))
-        rewards[t]  = -kl_coef * kl[t]  + score on the last valid token (the EOS)
-        advantages, returns = GAE(rewards, values; gamma, lam), no bootstrap past the last token
-        returns     = advantages + values           (computed BEFORE whitening: the critic's target)
-        advantages  = whiten(advantages) over the valid tokens of the whole batch
+    `step` (the update) and `what` ("the policy loss") name the failure in the message."""
+    check_finite(loss, step, what)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    return grad_norm.item()
 
-    So a row's rewards sum to ``score - kl_coef * sum_t kl[t]``: the sequence-level objective of
-    InstructGPT eq. 2, ``r(x, y) - beta * log(pi(y|x) / pi_ref(y|x))``, paid out token by token.
 
-    Everything is per row except the whitening: under data parallelism pass
-    ``all_reduce=runtime.all_reduce_sum`` so that the batch whitened over is every rank's rows.
+MINIBATCH_STATS = ("loss/policy", "loss/value", "policy/clipfrac", "policy/approxkl", "policy/ratio_mean",
+                   "policy/ratio_max", "policy/entropy", "policy/grad_norm", "val/clipfrac", "val/grad_norm")
 
-    Returns (rewards, kl, advantages, returns).
+
+def minibatch_stats(runtime: Runtime, mask: torch.Tensor, *, policy_stats: dict, entropy: torch.Tensor,
+                    policy_grad_norm: float, value_stats: dict | None = None, value_grad_norm: float | None = None,
+                    extra: dict[str, tuple[float, float]] | None = None) -> dict:
+    """The logged stats of one minibatch, over the GLOBAL minibatch (every rank's rows), the same on
+    every rank: `MINIBATCH_STATS` (the value ones only with `value_stats`), then `extra`.
+
+    policy_stats, value_stats: the stats of `losses.ppo_policy_loss` and `ppo_value_loss` on this
+    rank's rows; entropy: (b, R') the policy's entropies; mask: (b, R') its valid tokens; extra:
+    name -> (this rank's mean, its weight), e.g. ``{"loss/ptx": (ptx_loss, n_windows)}``.
+    Token means are weighted by each rank's valid tokens (`means_over_ranks`), the ratio's max is
+    the max over the ranks, and the gradient norms need nothing: after DDP's all-reduce every rank
+    holds the same gradients.
     """
-    rewards, kl = kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, kl_kind=kl_estimator)
-    advantages, returns = gae(rewards, values, response_mask, gamma, lam)
-    if whiten:   # trap: after `returns`, never before
-        advantages = masked_whiten(advantages, response_mask, all_reduce=all_reduce)
-    return rewards, kl, advantages, returns
+    n_tokens = mask.sum().item()
+    local = {"loss/policy": policy_stats["policy_loss"], "policy/clipfrac": policy_stats["clipfrac"],
+             "policy/approxkl": policy_stats["approxkl"], "policy/ratio_mean": policy_stats["ratio_mean"],
+             "policy/entropy": masked_mean(entropy.detach(), mask).item()}
+    if value_stats is not None:
+        local.update({"loss/value": value_stats["value_loss"], "val/clipfrac": value_stats["clipfrac"]})
+    weighted = {name: (value, n_tokens) for name, value in local.items()}
+    means = means_over_ranks(runtime, {**weighted, **(extra or {})})
+    means["policy/ratio_max"] = max(runtime.gather_objects([policy_stats["ratio_max"]]))
+    means["policy/grad_norm"] = policy_grad_norm
+    if value_stats is not None:
+        means["val/grad_norm"] = value_grad_norm
+    return {name: means[name] for name in (*MINIBATCH_STATS, *(extra or {})) if name in means}
+
+
+def mean_over_minibatches(stats: list[dict]) -> dict:
+    """Each stat averaged over the minibatches of an update (the ones run: an early stop runs fewer)."""
+    return {name: sum(s[name] for s in stats) / len(stats) for name in stats[0]}
+
+
+def rollout_stats(rollout: Rollout, kl_coef: float, runtime: Runtime | None = None, *,
+                  gold: torch.Tensor | None = None, rm: torch.Tensor | None = None) -> dict:
+    """The per-update objective metrics of a rollout (TRL's names). Sums are per sequence.
+
+    Means over every rank's rows: this rank's per-sample means weighted by its rows, its per-token
+    means by its valid tokens (`means_over_ranks`); the explained variance from global variances.
+    gold, rm: the (B,) gold totals and RM scores of `score_rollout`, logged as objective/gold and
+    objective/rm (never trained on, unless they are the reward).
+    """
+    runtime = runtime or single_process(rollout.sequences.device)
+    mask = rollout.response_mask
+    kl_per_sequence = rollout.kl.sum(dim=1)                                   # (B,)
+    rows, tokens = rollout.batch_size, mask.sum().item()
+    mean = means_over_ranks(runtime, {
+        "scores": (rollout.scores.mean().item(), rows),
+        "kl": (kl_per_sequence.mean().item(), rows),
+        "non_score_reward": ((-kl_coef * kl_per_sequence).mean().item(), rows),
+        "rlhf_reward": (rollout.rewards.sum(dim=1).mean().item(), rows),      # = scores - kl_coef * kl
+        "entropy": (masked_mean(rollout.entropy, mask).item(), tokens),
+        "values": (masked_mean(rollout.values, mask).item(), tokens),
+        "returns": (masked_mean(rollout.returns, mask).item(), tokens),
+        "length": (mask.sum(dim=1).mean().item(), rows),
+        "eos": (rollout.ended.float().mean().item(), rows),
+    })
+    # losses.explained_variance (1 - Var[R - V] / Var[R]), with the variances of every rank's tokens
+    var_returns = masked_var_over_ranks(rollout.returns, mask, runtime).item()
+    var_residual = masked_var_over_ranks(rollout.returns - rollout.values, mask, runtime).item()
+    stats = {
+        "objective/scores": mean["scores"],
+        "objective/kl": mean["kl"],
+        "objective/non_score_reward": mean["non_score_reward"],
+        "objective/rlhf_reward": mean["rlhf_reward"],
+        "objective/entropy": mean["entropy"],
+        "val/explained_variance": math.nan if var_returns == 0.0 else 1.0 - var_residual / var_returns,
+        "val/mean": mean["values"],
+        "val/returns_mean": mean["returns"],
+        "response_length": mean["length"],
+        "eos_rate": mean["eos"],
+    }
+    objective = {}
+    if gold is not None:
+        objective["objective/gold"] = (gold.mean().item(), len(gold))   # (this rank's mean, its samples)
+    if rm is not None:
+        objective["objective/rm"] = (rm.mean().item(), len(rm))
+    if objective:
+        stats.update(means_over_ranks(runtime, objective))
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,164 +483,79 @@ def single_process(device: torch.device) -> Runtime:
     return Runtime(device=torch.device(device))
 
 
+
 # ----------------------------------------------------------------------------------------------
-# Step 5: the PPO update
+# Saving and resuming a run (train_ppo.py --resume)
 # ----------------------------------------------------------------------------------------------
 
 
-def ppo_update(rollout: Rollout, policy: GPT, critic: ValueModel, policy_optimizer, value_optimizer, *,
-               orders: list[list[torch.Tensor]], temperature: float, clip_range: float, clip_range_value: float,
-               grad_clip: float = 1.0, target_kl: float = 0.0, ptx_batch=None, ptx_coef: float = 0.0,
-               step: int = 0, runtime: Runtime | None = None) -> dict:
-    """PPO epochs over shuffled minibatches of one rollout; steps both optimizers once per minibatch.
+def save_run(path: str, step: int, metrics: dict, *, cfg, tokenizer, runtime: Runtime, policy: GPT,
+             critic: ValueModel, policy_optimizer, value_optimizer, kl_controller, rng: torch.Generator,
+             sample_generator: torch.Generator, prompt_order: list[int],
+             gold_normaliser: tuple[float, float] | None) -> None:
+    """Write ppo.pt: the policy (loadable as sft.pt is), and everything `resume_run` needs to go on
+    as if the run had never stopped - the critic, both optimizers, the KL coefficient, the shared
+    dice (`rng`), the prompts of this pass not drawn yet, every rank's sampling dice, and the gold
+    normaliser (`--reward gold`).
 
-    Per minibatch (Schulman et al. 2017; the LHP/TRL variant, Huang et al. 2024):
-        policy loss  = ppo_policy_loss(logp, old_logp, advantages)            (clipped surrogate)
-                     + ptx_coef * LM loss on a pretraining batch               (InstructGPT "PPO-ptx")
-        value loss   = ppo_value_loss(values, old_values, returns)            (clipped, critic only)
-    The policy and the critic are separate networks with separate optimizers, so the two losses
-    need no relative weight (no ``vf_coef``). Gradients are clipped to `grad_clip` (0: off).
-
-    Args:
-        rollout: this rank's rows (all of them in one process).
-        policy, critic: the models to train. Under torchrun pass them wrapped ONCE per run,
-            ``runtime.wrap(model)`` (DistributedDataParallel): the training forwards run through
-            the wrapper, whose backward averages the gradients over the ranks.
-        orders: from `minibatch_orders`: the minibatches of each epoch (the first epoch's split must
-            be the one `forward_rollout` used). Every rank must have as many minibatches.
-        target_kl: stop the update early (skip its remaining minibatches) once a minibatch's
-            approximate KL to the rollout policy exceeds it; 0 disables.
-        ptx_batch: a function returning (inputs, targets) of pretraining text, or None. Under
-            torchrun, this rank's equal share of the pretraining batch.
-        step: the update number, for the message if a loss is NaN/Inf (`check_finite` stops the run).
-        runtime: the processes (see the module docstring); None: one process.
-
-    Returns the stats: means over the minibatches run (``policy/approxkl``, ...), ``minibatch_stats``
-    (one dict per minibatch, in order: the first has ratio 1) and ``policy/epochs`` (epochs started).
-    Every stat is over the global minibatch (all ranks' rows), and the same on every rank.
+    A collective (it gathers every rank's sampling dice): every rank calls it; rank 0 alone writes.
+    `cfg` is the run's config (stored as `train_config`); `metrics` the summary to store.
     """
-    runtime = runtime or single_process(rollout.sequences.device)
-    if runtime.distributed and (unwrap(policy) is policy or unwrap(critic) is critic):
-        raise ValueError("under torchrun, pass ppo_update the DDP-wrapped models (runtime.wrap(model))")
-    policy.eval()  # dropout off: eval() only switches dropout; gradients flow as in train()
-    critic.eval()
-    minibatch_stats = []
-    epochs_run = 0
-    stop = False
-    for epoch_minibatches in orders:
-        epochs_run += 1
-        for index in epoch_minibatches:
-            batch = rollout.select(index)
-            mask = batch.response_mask
-            n_tokens = mask.sum().item()             # this rank's valid tokens in the minibatch
-            share = token_share(n_tokens, runtime)   # 1.0 in one process
-
-            # ---- policy: clipped surrogate (+ optional pretraining mix)
-            logprobs, entropy = policy_logprobs(policy, batch, temperature)             # (b, R') each
-            policy_loss, policy_stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, clip_range)
-            loss = policy_loss * share   # this rank's share of the global minibatch's token mean
-            ptx_loss = None
-            if ptx_batch is not None and ptx_coef > 0:
-                # this rank's share of the windows; every rank holds as many full windows, so its
-                # plain mean is already its share of the global mean (DDP averages)
-                inputs, targets = ptx_batch()
-                ptx_loss = lm_loss(policy, inputs, targets)
-                loss = loss + ptx_coef * ptx_loss
-            check_finite(loss, step, "the policy loss")
-            policy_optimizer.zero_grad(set_to_none=True)
-            loss.backward()   # under DDP: the gradients are averaged over the ranks here
-            policy_grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip or float("inf"))
-            policy_optimizer.step()
-
-            # ---- critic: clipped value loss
-            values = critic_values(critic, batch)                                        # (b, R')
-            value_loss, value_stats = ppo_value_loss(values, batch.values, batch.returns, mask, clip_range_value)
-            check_finite(value_loss, step, "the value loss")
-            value_optimizer.zero_grad(set_to_none=True)
-            (value_loss * share).backward()
-            value_grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip or float("inf"))
-            value_optimizer.step()
-
-            # ---- stats of the global minibatch: token-weighted means over the ranks. The gradient
-            # norms need none: after DDP's all-reduce every rank holds the same gradients.
-            token_means = {
-                "loss/policy": policy_stats["policy_loss"],
-                "loss/value": value_stats["value_loss"],
-                "policy/clipfrac": policy_stats["clipfrac"],
-                "policy/approxkl": policy_stats["approxkl"],
-                "policy/ratio_mean": policy_stats["ratio_mean"],
-                "policy/entropy": masked_mean(entropy.detach(), mask).item(),
-                "val/clipfrac": value_stats["clipfrac"],
-            }
-            local = {name: (value, n_tokens) for name, value in token_means.items()}
-            if ptx_loss is not None:
-                local["loss/ptx"] = (ptx_loss.item(), targets.numel())
-            stats = means_over_ranks(runtime, local)
-            minibatch_stats.append({
-                "loss/policy": stats["loss/policy"],
-                "loss/value": stats["loss/value"],
-                "policy/clipfrac": stats["policy/clipfrac"],
-                "policy/approxkl": stats["policy/approxkl"],
-                "policy/ratio_mean": stats["policy/ratio_mean"],
-                "policy/ratio_max": max(runtime.gather_objects([policy_stats["ratio_max"]])),
-                "policy/entropy": stats["policy/entropy"],
-                "policy/grad_norm": policy_grad_norm.item(),
-                "val/clipfrac": stats["val/clipfrac"],
-                "val/grad_norm": value_grad_norm.item(),
-            })
-            if ptx_loss is not None:
-                minibatch_stats[-1]["loss/ptx"] = stats["loss/ptx"]
-            # the global approximate KL: every rank takes the same decision (DDP needs them in step)
-            if target_kl > 0 and stats["policy/approxkl"] > target_kl:
-                stop = True
-                break
-        if stop:
-            break
-
-    stats = {name: sum(s[name] for s in minibatch_stats) / len(minibatch_stats) for name in minibatch_stats[0]}
-    stats["val/vf_loss"] = stats["loss/value"]
-    stats["policy/epochs"] = epochs_run
-    stats["policy/early_stop"] = float(stop)
-    stats["minibatch_stats"] = minibatch_stats
-    return stats
+    sample_rng_states = runtime.gather_objects([sample_generator.get_state().cpu()])
+    if not runtime.is_main:
+        return
+    save_checkpoint(path, kind="ppo", model_state=policy.state_dict(), model_config=asdict(policy.config),
+                    tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step,
+                    metrics=metrics, value_model=critic.state_dict(),
+                    value_model_config=asdict(critic.config), policy_optimizer=policy_optimizer.state_dict(),
+                    value_optimizer=value_optimizer.state_dict(), kl_coef=float(kl_controller.value),
+                    rng_state=rng.get_state(), prompt_order=list(prompt_order),
+                    sample_rng_state=sample_rng_states[0], sample_rng_states=sample_rng_states,   # (older readers: one)
+                    gold_normaliser=list(gold_normaliser) if gold_normaliser else None, reward=cfg.reward)
 
 
-def rollout_stats(rollout: Rollout, kl_coef: float, runtime: Runtime | None = None) -> dict:
-    """The per-update objective metrics of a rollout (TRL's names). Sums are per sequence.
+def resume_run(path: str, total_updates: int, *, tokenizer, runtime: Runtime, policy: GPT, critic: ValueModel,
+               policy_optimizer, value_optimizer, kl_controller, rng: torch.Generator,
+               sample_generator: torch.Generator) -> tuple[int, list[int], tuple[float, float] | None, dict]:
+    """Load what `save_run` wrote into the run's objects, in place: the weights of the policy and
+    the critic, both optimizers, the KL coefficient, the shared dice and this rank's sampling dice.
 
-    Means over every rank's rows: this rank's per-sample means weighted by its rows, its per-token
-    means by its valid tokens (`means_over_ranks`); the explained variance from global variances.
+    Returns (the update to start from, the prompts of this pass not drawn yet, the gold normaliser
+    or None, the SFT baseline of the held-out evaluation). A one-line error if the run is finished.
     """
-    runtime = runtime or single_process(rollout.sequences.device)
-    mask = rollout.response_mask
-    kl_per_sequence = rollout.kl.sum(dim=1)                                   # (B,)
-    rows, tokens = rollout.batch_size, mask.sum().item()
-    mean = means_over_ranks(runtime, {
-        "scores": (rollout.scores.mean().item(), rows),
-        "kl": (kl_per_sequence.mean().item(), rows),
-        "non_score_reward": ((-kl_coef * kl_per_sequence).mean().item(), rows),
-        "rlhf_reward": (rollout.rewards.sum(dim=1).mean().item(), rows),      # = scores - kl_coef * kl
-        "entropy": (masked_mean(rollout.entropy, mask).item(), tokens),
-        "values": (masked_mean(rollout.values, mask).item(), tokens),
-        "returns": (masked_mean(rollout.returns, mask).item(), tokens),
-        "length": (mask.sum(dim=1).mean().item(), rows),
-        "eos": (rollout.ended.float().mean().item(), rows),
-    })
-    # losses.explained_variance (1 - Var[R - V] / Var[R]), with the variances of every rank's tokens
-    var_returns = masked_var_over_ranks(rollout.returns, mask, runtime).item()
-    var_residual = masked_var_over_ranks(rollout.returns - rollout.values, mask, runtime).item()
-    return {
-        "objective/scores": mean["scores"],
-        "objective/kl": mean["kl"],
-        "objective/non_score_reward": mean["non_score_reward"],
-        "objective/rlhf_reward": mean["rlhf_reward"],
-        "objective/entropy": mean["entropy"],
-        "val/explained_variance": math.nan if var_returns == 0.0 else 1.0 - var_residual / var_returns,
-        "val/mean": mean["values"],
-        "val/returns_mean": mean["returns"],
-        "response_length": mean["length"],
-        "eos_rate": mean["eos"],
-    }
+    ckpt = load_checkpoint(path, kind="ppo", tokenizer_identity=tokenizer.identity)
+    policy.load_state_dict(ckpt["model"])
+    critic.load_state_dict(ckpt["value_model"])
+    policy_optimizer.load_state_dict(ckpt["policy_optimizer"])
+    value_optimizer.load_state_dict(ckpt["value_optimizer"])
+    kl_controller.value = float(ckpt["kl_coef"])
+    rng.set_state(ckpt["rng_state"])
+    prompt_order = list(ckpt.get("prompt_order", []))   # the rest of this pass (older checkpoints: reshuffled)
+    restore_sample_generator(sample_generator, ckpt, runtime)
+    start_update = ckpt["step"]
+    gold_normaliser = tuple(ckpt["gold_normaliser"]) if ckpt.get("gold_normaliser") else None
+    baseline = {k: v for k, v in ckpt["metrics"].items() if k.startswith("sft/")}
+    print(f"resumed from {path} at update {start_update}, kl_coef {kl_controller.value:.4g}")
+    if start_update >= total_updates:
+        raise UserError(f"{path} is already at update {start_update} >= --total-updates {total_updates}")
+    return start_update, prompt_order, gold_normaliser, baseline
+
+
+def restore_sample_generator(generator: torch.Generator, ckpt: dict, runtime: Runtime) -> None:
+    """Give this rank the sampling dice it had when the checkpoint was written.
+
+    A checkpoint stores every rank's generator state (`sample_rng_states`; older ones only rank 0's,
+    `sample_rng_state`). Written with another number of processes, the ranks the checkpoint knows
+    restore their own state and any other rank keeps its fresh stream (seed + rank * stride: dice
+    that the earlier run never drew from), so no two ranks repeat each other's samples.
+    """
+    states = ckpt.get("sample_rng_states") or [ckpt["sample_rng_state"]]
+    if runtime.rank < len(states):
+        generator.set_state(states[runtime.rank])
+    if len(states) != runtime.world_size:
+        print(f"note: the checkpoint holds the sampling dice of {len(states)} process(es), this run has "
+              f"{runtime.world_size}: ranks below {min(len(states), runtime.world_size)} restore their own, "
+              "any other rank starts a fresh stream")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from minirlhf.checkpoint import load_checkpoint
 from minirlhf.cli import UserError
 from minirlhf.losses import grpo_advantages, rloo_advantages
 from minirlhf.model import GPT, GPTConfig
-from minirlhf.ppo import Rollout, minibatch_orders
+from minirlhf.ppo import Rollout, minibatch_orders, rollout_logprobs
 from ranks import ROOT, torchrun
 from test_ppo import tiny_world, toy_generation, toy_gpt  # noqa: F401 (tiny_world: a fixture)
 
@@ -156,7 +156,8 @@ def test_first_minibatch_has_ratio_exactly_one(kl_mode):
     generation = toy_generation(policy, temperature=0.8)      # 6 responses: 2 groups of k = 3
     rollout = Rollout.from_generation(generation, torch.tensor([1.0, 0.0, 2.0, 0.5, -1.0, 3.0]))
     orders = minibatch_orders(6, 3, 2, torch.Generator().manual_seed(0))
-    train_grpo.forward_logprobs(rollout, policy, reference, temperature=0.8, minibatches=orders[0])
+    rollout.logprobs, rollout.entropy = rollout_logprobs(policy, rollout, orders[0], 0.8)     # as train_grpo.py
+    rollout.ref_logprobs, _ = rollout_logprobs(reference, rollout, orders[0], 0.8)
     kl = (rollout.logprobs - rollout.ref_logprobs).sum(dim=1)
     assert torch.equal(kl, torch.zeros(6)), "policy = reference: zero KL"
     advantages = train_grpo.group_advantages(rollout.scores, kl, group_size=3, advantage="grpo", kl_mode=kl_mode,

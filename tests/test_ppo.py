@@ -1,20 +1,25 @@
-"""Tests for the PPO loop (minirlhf/ppo.py) and its script (train_ppo.py).
+"""Tests for the PPO loop: train_ppo.py and the pieces it calls (minirlhf/ppo.py).
 
 The losses themselves (the clipped policy loss in its four sign/ratio cases with gradients, value
-clipping, KL-shaped rewards, the KL controllers) are graded in tests/test_losses.py. Here: how the
-loop puts them together, each with a plain reference or a hand-worked value:
+clipping, KL-shaped rewards, the KL controllers) are graded in tests/test_losses.py, GAE in
+tests/test_kernels.py. Here: how the loop puts them together, each with a plain reference or a
+hand-worked value:
 
-* rewards and advantages: a row worked by hand, a Python-loop reference, rows summing to
+* rewards and advantages (steps 4-6 of train_ppo.py's loop: `kl_shaped_rewards`, `gae`,
+  `masked_whiten`): a row worked by hand, a Python-loop reference, rows summing to
   score - kl_coef * sum(kl), returns taken before whitening;
 * alignment: the recomputed logprobs equal the sampler's (off-by-one and temperature), the values
   sit at "state before token t", padding is trimmed without changing anything;
 * the first minibatch of an update has ratio exactly 1, clipfrac 0, approximate KL 0 (with a model
   built with dropout, so leaving dropout on would fail it; and under bf16 autocast); every sample
-  once per epoch;
+  once per epoch. `ppo_update` below is step 7 of the script's loop (epochs x minibatches) built
+  from the same pieces, so that toy models can run it;
 * policy = reference gives zero KL and rewards equal to the score on the last valid token;
 * toy bandits: +1 on one token makes it more likely (less when negated); with a KL penalty PPO
   approaches pi_ref * exp(r / beta) / Z;
-* the script: --preset smoke end to end (subprocess), --resume, and one-line errors for bad input.
+* the script: --preset smoke end to end (subprocess), --resume, one-line errors for bad input, and
+  its own loop watched from inside (every update's first minibatch has ratio 1 with a policy built
+  with dropout; its rollouts hold the rewards, returns and whitened advantages the pure functions give).
 """
 
 from __future__ import annotations
@@ -35,10 +40,13 @@ from minirlhf import labeler, world
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
 from minirlhf.cli import run_main
 from minirlhf.generate import generate
-from minirlhf.losses import AdaptiveKLController
+from minirlhf.kernels import gae
+from minirlhf.losses import (AdaptiveKLController, kl_shaped_rewards, masked_whiten, ppo_policy_loss,
+                             ppo_value_loss)
 from minirlhf.model import GPT, GPTConfig, RewardModel, ValueModel
-from minirlhf.ppo import (Rollout, compute_advantages, critic_from_reward_model, forward_rollout, minibatch_orders,
-                          ppo_update, score_rollout)
+from minirlhf.ppo import (Rollout, critic_from_reward_model, critic_values, minibatch_orders, minibatch_stats,
+                          optimizer_step, policy_logprobs, rollout_logprobs, rollout_stats, rollout_values,
+                          score_rollout, token_share)
 from minirlhf.reward import RewardScorer
 from minirlhf.runtime import Runtime
 from minirlhf.tokenizer import Tokenizer, save_ranks, train_bpe
@@ -83,6 +91,26 @@ def toy_generation(policy: GPT, seed: int = 0, n: int = 6, max_new_tokens: int =
 # ---------------------------------------------------------------------------------------------
 # Rewards and advantages
 # ---------------------------------------------------------------------------------------------
+
+
+def compute_advantages(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, gamma=1.0, lam=0.95,
+                       whiten=True, all_reduce=None):
+    """Steps 4-6 of train_ppo.py's loop, in its order: KL-shaped rewards, GAE, whitening (after the
+    returns). Returns (rewards, kl, advantages, returns), all (B, T)."""
+    rewards, kl = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    if whiten:
+        advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
+    return rewards, kl, advantages, returns
+
+
+def fill_advantages(rollout: Rollout, kl_coef: float, all_reduce=None) -> Rollout:
+    """`compute_advantages` on a rollout whose logprobs and values are filled; sets its rewards,
+    kl, advantages and returns."""
+    rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = compute_advantages(
+        rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.response_mask,
+        kl_coef=kl_coef, all_reduce=all_reduce)
+    return rollout
 
 
 def test_compute_advantages_hand_worked_row():
@@ -153,6 +181,14 @@ def test_compute_advantages_against_python_loop_and_whitening_after_returns():
 # ---------------------------------------------------------------------------------------------
 
 
+def forward_rollout(rollout: Rollout, policy, ref_policy, critic, *, temperature: float, minibatches) -> Rollout:
+    """Step 3 of train_ppo.py's loop: the old logprobs, the reference logprobs and the values."""
+    rollout.logprobs, rollout.entropy = rollout_logprobs(policy, rollout, minibatches, temperature)
+    rollout.ref_logprobs, _ = rollout_logprobs(ref_policy, rollout, minibatches, temperature)
+    rollout.values = rollout_values(critic, rollout, minibatches)
+    return rollout
+
+
 def rollout_for(policy, generation, scores=None, critic=None, ref_policy=None, temperature=1.0, num_minibatches=2,
                 seed=0):
     B = generation.prompt_ids.shape[0]
@@ -209,6 +245,36 @@ def test_select_trims_pad_only_columns_and_keeps_the_tokens():
 # ---------------------------------------------------------------------------------------------
 
 
+def ppo_update(rollout: Rollout, policy, critic, policy_optimizer, value_optimizer, *, orders, temperature: float,
+               clip_range: float = 0.2, clip_range_value: float = 0.2, grad_clip: float = 1.0,
+               target_kl: float = 0.0, runtime: Runtime | None = None) -> dict:
+    """Step 7 of train_ppo.py's loop (without PPO-ptx), from the same minirlhf.ppo pieces: epochs x
+    minibatches, each stepping the policy on the clipped surrogate and the critic on the clipped
+    value loss, an early stop once the approximate KL passes `target_kl`. Under torchrun pass the
+    DDP-wrapped models. Returns {"minibatch_stats": [one dict per minibatch run], "policy/early_stop"}."""
+    runtime = runtime or Runtime(device=rollout.sequences.device)
+    stats = []
+    for minibatches in orders:
+        for index in minibatches:
+            batch = rollout.select(index)
+            mask = batch.response_mask
+            share = token_share(mask.sum().item(), runtime)
+            logprobs, entropy = policy_logprobs(policy, batch, temperature)
+            policy_loss, policy_stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, clip_range)
+            policy_grad_norm = optimizer_step(policy_optimizer, policy, policy_loss * share, grad_clip=grad_clip,
+                                              step=1, what="the policy loss")
+            values = critic_values(critic, batch)
+            value_loss, value_stats = ppo_value_loss(values, batch.values, batch.returns, mask, clip_range_value)
+            value_grad_norm = optimizer_step(value_optimizer, critic, value_loss * share, grad_clip=grad_clip,
+                                             step=1, what="the value loss")
+            stats.append(minibatch_stats(runtime, mask, policy_stats=policy_stats, entropy=entropy,
+                                         policy_grad_norm=policy_grad_norm, value_stats=value_stats,
+                                         value_grad_norm=value_grad_norm))
+            if target_kl > 0 and stats[-1]["policy/approxkl"] > target_kl:
+                return {"minibatch_stats": stats, "policy/early_stop": 1.0}
+    return {"minibatch_stats": stats, "policy/early_stop": 0.0}
+
+
 def run_one_update(policy, critic, rollout, orders, lr=1e-2, **kwargs):
     policy_optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
     value_optimizer = torch.optim.Adam(critic.parameters(), lr=lr)
@@ -234,8 +300,7 @@ def test_first_minibatch_has_ratio_exactly_one_even_with_dropout_configured():
     generation = toy_generation(policy, temperature=0.8)
     rollout, orders = rollout_for(policy, generation, scores=torch.randn(6, generator=torch.Generator().manual_seed(1)),
                                   critic=critic, temperature=0.8, num_minibatches=3)
-    rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = compute_advantages(
-        rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.response_mask, kl_coef=0.1)
+    fill_advantages(rollout, kl_coef=0.1)
     stats = run_one_update(policy, critic, rollout, orders, temperature=0.8)
     first = stats["minibatch_stats"][0]
     assert first["policy/ratio_mean"] == 1.0, f"first minibatch ratio_mean {first['policy/ratio_mean']!r}, expected 1"
@@ -245,7 +310,7 @@ def test_first_minibatch_has_ratio_exactly_one_even_with_dropout_configured():
     later = stats["minibatch_stats"][1:]
     assert len(later) == 5, f"2 epochs x 3 minibatches: expected 6 minibatches, got {len(later) + 1}"
     assert any(s["policy/approxkl"] > 0 for s in later), "the policy should have moved after its first step"
-    assert not policy.training and not critic.training, "the update leaves the models in eval() mode"
+    assert not policy.training and not critic.training, "the rollout's forward passes leave the models in eval() mode"
 
 
 def test_first_minibatch_has_ratio_exactly_one_under_bf16():
@@ -258,8 +323,7 @@ def test_first_minibatch_has_ratio_exactly_one_under_bf16():
     generation = toy_generation(policy, temperature=0.8)
     rollout, orders = rollout_for(policy, generation, scores=torch.randn(6, generator=torch.Generator().manual_seed(1)),
                                   critic=critic, temperature=0.8, num_minibatches=3)
-    rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = compute_advantages(
-        rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.response_mask, kl_coef=0.1)
+    fill_advantages(rollout, kl_coef=0.1)
     stats = run_one_update(policy, critic, rollout, orders, temperature=0.8)
     first = stats["minibatch_stats"][0]
     assert first["policy/ratio_mean"] == 1.0 and first["policy/ratio_max"] == 1.0, f"bf16 first minibatch: {first}"
@@ -272,8 +336,7 @@ def test_target_kl_stops_the_update_early():
     critic = toy_critic(1, policy.config)
     rollout, orders = rollout_for(policy, toy_generation(policy), scores=torch.tensor([3.0, -3, 3, -3, 3, -3]),
                                   critic=critic, num_minibatches=3)
-    rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = compute_advantages(
-        rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.response_mask, kl_coef=0.0)
+    fill_advantages(rollout, kl_coef=0.0)
     stats = run_one_update(policy, critic, rollout, orders, lr=0.3, target_kl=1e-6)
     assert stats["policy/early_stop"] == 1.0
     assert len(stats["minibatch_stats"]) < 6, "the update should stop before its last minibatch"
@@ -311,8 +374,7 @@ def bandit_round(policy, ref_policy, critic, score_of, *, kl_coef, generator, lr
     rollout = Rollout.from_generation(generation, scores)
     orders = minibatch_orders(batch_size, 2, epochs, generator)
     forward_rollout(rollout, policy, ref_policy, critic, temperature=1.0, minibatches=orders[0])
-    rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = compute_advantages(
-        rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.response_mask, kl_coef=kl_coef)
+    fill_advantages(rollout, kl_coef=kl_coef)
     return run_one_update(policy, critic, rollout, orders, lr=lr)
 
 
@@ -509,6 +571,60 @@ def test_resume_continues_from_the_checkpoint(smoke_run, tiny_world, tmp_path, m
     steps = [json.loads(line)["step"] for line in open(out / "ppo_metrics.jsonl")]
     assert steps == [0, 1, 2, 3, 4], f"the resumed run appends to the metrics: steps {steps}"
     assert not torch.equal(first["model"]["wte.weight"], second["model"]["wte.weight"]), "the policy kept training"
+
+
+def test_the_scripts_own_loop_ratio_one_and_advantages(tiny_world, tmp_path, monkeypatch, capsys):
+    """train_ppo.py's loop watched from inside: its policy loss and its rollouts are recorded as it
+    runs (a policy built with dropout 0.3, so a training forward left in train() mode shows up).
+
+    * the first minibatch of EVERY update has ratio exactly 1, clipfrac 0 and approximate KL 0, and
+      each update runs --ppo-epochs x --num-minibatches minibatches;
+    * the rewards, the returns and the whitened advantages the loop trained on are the ones the pure
+      functions give from the rollout's own logprobs, values and the update's beta, in the
+      documented order (returns before whitening, whitening over the valid tokens).
+    """
+    import train_ppo
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(os.path.join(tiny_world["out"], "rm.pt"), out / "rm.pt")
+    sft = load_checkpoint(os.path.join(tiny_world["out"], "sft.pt"), kind="sft")
+    config = dict(sft["model_config"], dropout=0.3)
+    save_checkpoint(out / "sft.pt", kind="sft", model_state=sft["model"], model_config=config,
+                    tokenizer_identity=sft["tokenizer"], train_config={}, step=0, metrics={})
+    events = []   # ("rollout", rollout, kl_coef) once per update, then ("policy_loss", stats) per minibatch
+
+    def watched_rollout_stats(rollout, kl_coef, *args, **kwargs):
+        events.append(("rollout", rollout, kl_coef))
+        return rollout_stats(rollout, kl_coef, *args, **kwargs)
+
+    def watched_policy_loss(*args, **kwargs):
+        loss, stats = ppo_policy_loss(*args, **kwargs)
+        events.append(("policy_loss", stats))
+        return loss, stats
+
+    monkeypatch.setattr(train_ppo, "rollout_stats", watched_rollout_stats)
+    monkeypatch.setattr(train_ppo, "ppo_policy_loss", watched_policy_loss)
+    code, _, stderr = run_in_process(monkeypatch, capsys, "--preset", "smoke", "--data-dir", tiny_world["data"],
+                                     "--out-dir", str(out), "--device", "cpu", "--eval-prompts", "0",
+                                     "--ppo-epochs", "2", "--num-minibatches", "2")
+    assert code == 0, stderr
+    starts = [i for i, event in enumerate(events) if event[0] == "rollout"]
+    assert len(starts) == 3, f"one rollout per update of the smoke preset, got {len(starts)}"
+    for update, (start, end) in enumerate(zip(starts, starts[1:] + [len(events)]), start=1):
+        losses = [event[1] for event in events[start + 1:end]]
+        assert len(losses) == 2 * 2, f"update {update}: {len(losses)} minibatches, expected 2 epochs x 2"
+        first = losses[0]
+        assert first["ratio_mean"] == 1.0 and first["ratio_max"] == 1.0, f"update {update}, first minibatch: {first}"
+        assert first["clipfrac"] == 0.0 and first["approxkl"] == 0.0, f"update {update}, first minibatch: {first}"
+
+        _, rollout, kl_coef = events[start]
+        rewards, kl, advantages, returns = compute_advantages(
+            rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.response_mask,
+            kl_coef=kl_coef, gamma=train_ppo.PPOConfig.gamma, lam=train_ppo.PPOConfig.lam)
+        for name, expected in (("rewards", rewards), ("kl", kl), ("returns", returns), ("advantages", advantages)):
+            torch.testing.assert_close(getattr(rollout, name), expected, atol=1e-6, rtol=1e-6,
+                                       msg=f"update {update}: the loop's {name}")
 
 
 def test_held_out_subset_is_evenly_spaced_over_the_file():

@@ -6,11 +6,13 @@ with them every metric, differ from one process's. The exact equivalence is ther
 function by function, on the SAME experience:
 
 * `masked_whiten(..., all_reduce=...)` of two ranks' halves is `masked_whiten` of the whole batch;
-* `ppo_update` on 2 ranks, each holding half the rows of one fixed rollout, leaves the policy and
-  the critic where one process's `ppo_update` on the whole rollout leaves them, and logs the same
+* a PPO update on 2 ranks, each holding half the rows of one fixed rollout, leaves the policy and
+  the critic where one process's update on the whole rollout leaves them, and logs the same
   stats, when the minibatches correspond (rank r's minibatch j = its rows of the single process's
-  minibatch j). The ranks' minibatches hold different numbers of tokens, so a mean of the ranks'
-  means (instead of the mean over every token) would fail it;
+  minibatch j). The update is train_ppo.py's epochs x minibatches from the same minirlhf.ppo pieces
+  (`token_share`, `optimizer_step`, `minibatch_stats`), as tests/test_ppo.py's `ppo_update` writes
+  it. The ranks' minibatches hold different numbers of tokens, so a mean of the ranks' means
+  (instead of the mean over every token) would fail it;
 * the first minibatch's ratio is still exactly 1 under DDP, in fp32 and in bf16.
 
 Then the script: `torchrun --nproc_per_node=2 train_ppo.py --preset smoke` exits 0, rank 0 alone
@@ -35,10 +37,11 @@ import torch
 from minirlhf.checkpoint import load_checkpoint
 from minirlhf.generate import generate
 from minirlhf.losses import masked_whiten
-from minirlhf.ppo import Rollout, compute_advantages, forward_rollout, minibatch_orders, ppo_update
+from minirlhf.ppo import Rollout, minibatch_orders, restore_sample_generator
 from minirlhf.runtime import Runtime
 from ranks import ROOT, run_on_ranks, torchrun
-from test_ppo import EOS, PAD, tiny_world, toy_critic, toy_gpt  # noqa: F401 (tiny_world: a fixture)
+from test_ppo import (EOS, PAD, compute_advantages, forward_rollout, ppo_update, tiny_world,  # noqa: F401 (a fixture)
+                      toy_critic, toy_gpt)
 
 WORLD = 2
 B = 8                      # rows of the fixed rollout: 4 per rank
@@ -86,7 +89,7 @@ def fixed_rollout() -> tuple[Rollout, list[list[torch.Tensor]], list[list[torch.
 
 
 def update(policy, critic, rollout, orders, runtime=None):
-    """One ppo_update with fresh SGD optimizers; returns its stats.
+    """One PPO update (tests/test_ppo.py's `ppo_update`) with fresh SGD optimizers; returns its stats.
 
     SGD, not Adam: Adam divides each gradient entry by its own size, so an entry that is 0 in exact
     arithmetic and float noise in practice (the attention's key bias: softmax ignores a shift that
@@ -274,21 +277,19 @@ def test_torchrun_checkpoint_keeps_every_ranks_sampling_dice(smoke_runs):
 
 
 def test_resume_restores_each_ranks_own_dice_and_falls_back_with_another_world_size():
-    import train_ppo
-
     states = [torch.Generator().manual_seed(seed).get_state() for seed in (10, 11)]
     expected = [torch.Generator().manual_seed(seed).get_state() for seed in (10, 11)]
     for rank in range(2):   # same world size: each rank its own
         generator = torch.Generator().manual_seed(99)
-        train_ppo.restore_sample_generator(generator, {"sample_rng_states": states},
-                                           Runtime(torch.device("cpu"), rank=rank, world_size=2))
+        restore_sample_generator(generator, {"sample_rng_states": states},
+                                 Runtime(torch.device("cpu"), rank=rank, world_size=2))
         assert torch.equal(generator.get_state(), expected[rank]), f"rank {rank} restores its own state"
     # written by one process (or before per-rank states existed), resumed by two: rank 1 keeps its fresh stream
     fresh = torch.Generator().manual_seed(99)
-    train_ppo.restore_sample_generator(fresh, {"sample_rng_state": states[0]},
-                                       Runtime(torch.device("cpu"), rank=1, world_size=2))
+    restore_sample_generator(fresh, {"sample_rng_state": states[0]},
+                             Runtime(torch.device("cpu"), rank=1, world_size=2))
     assert torch.equal(fresh.get_state(), torch.Generator().manual_seed(99).get_state())
     restored = torch.Generator().manual_seed(99)
-    train_ppo.restore_sample_generator(restored, {"sample_rng_state": states[0]},
-                                       Runtime(torch.device("cpu"), rank=0, world_size=2))
+    restore_sample_generator(restored, {"sample_rng_state": states[0]},
+                             Runtime(torch.device("cpu"), rank=0, world_size=2))
     assert torch.equal(restored.get_state(), expected[0])

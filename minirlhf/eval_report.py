@@ -41,7 +41,8 @@ def plot_overview(summaries: dict, wins: list[dict], n_prompts: int, out_path: s
     errors = [summaries[m]["gold/sample_se"] for m in names]
     left.errorbar(names, bottom, yerr=errors, fmt="none", ecolor="black", capsize=4)
     # the totals go under the bars, where neither the max line nor the legend can cover them
-    left.set_xticks(range(len(names)), [f"{m}\n{total:.2f} ± {se:.2f}" for m, total, se in zip(names, bottom, errors)])
+    # (three lines each, so that seven models' labels do not run into each other)
+    left.set_xticks(range(len(names)), [f"{m}\n{total:.2f}\n± {se:.2f}" for m, total, se in zip(names, bottom, errors)])
     left.set_ylim(0, labeler.MAX_SCORE + 2.0)   # headroom above the max line for the legend
     left.axhline(labeler.MAX_SCORE, color="0.5", linestyle="--", linewidth=1, label="max score")
     left.set_ylabel(f"gold score (max {labeler.MAX_SCORE:g})")
@@ -65,7 +66,7 @@ def plot_overview(summaries: dict, wins: list[dict], n_prompts: int, out_path: s
     right.invert_yaxis()
     right.set_xlabel("share of paired answers (same prompt, same sample index)")
     right.set_title("Who wins, judged by the gold labeler")
-    right.legend(fontsize="small", loc="lower right")
+    right.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=3)   # below: never on a bar
     save_figure(fig, out_path)
 
 

@@ -26,8 +26,9 @@ scripts are the lessons; this file only calls them in order):
 With --nproc-per-node N > 1 the training stages (base, SFT, RM, PPO) run data-parallel, each launched
 as `torchrun --standalone --nproc_per_node=N train_x.py ...`; data preparation and evaluation run in one
 process.
-A stage whose output already exists is skipped (so an interrupted run continues where it stopped),
-unless --force or --from-stage says otherwise; once a stage runs, every later stage runs too,
+A stage whose output already exists is skipped, and a stage interrupted after one of its interval
+saves (its checkpoint marked unfinished) is continued with --resume - so an interrupted run goes on
+where it stopped - unless --force or --from-stage says otherwise; once a stage runs, every later stage runs too,
 because its input has changed (the methods after the RM depend on it, not on each other). The first stage that fails stops the pipeline, and its error is
 repeated at the end. Every stage's full output is also kept in OUT_DIR/logs/<stage>.log, appended
 after a header line with the date and the command: an earlier run's log is never overwritten.
@@ -134,8 +135,21 @@ def output_paths(stage: Stage, cfg) -> list[str]:
     return [os.path.join(folder, name) for name in stage.outputs]
 
 
-def run_stage(stage: Stage, cfg) -> None:
-    """Run one stage's script, relaying its output line by line and keeping it in OUT_DIR/logs/.
+def unfinished(stage: Stage, cfg) -> bool:
+    """True when the stage's checkpoint is an interval save of an interrupted run (`"finished": False`:
+    Ctrl-C or a crash after a `--save-every` save): run_all then continues it with `--resume`."""
+    path = output_paths(stage, cfg)[0]
+    if not path.endswith(".pt") or not os.path.exists(path):
+        return False
+    try:
+        return load_checkpoint(path, unfinished_ok=True).get("finished") is False
+    except UserError:
+        return False   # a damaged file: the stage's own run (or the next stage) says what is wrong
+
+
+def run_stage(stage: Stage, cfg, resume: bool = False) -> None:
+    """Run one stage's script (with `--resume` to continue an interrupted run), relaying its output
+    line by line and keeping it in OUT_DIR/logs/.
 
     A non-zero exit raises `UserError` with the stage's last line (its `error: ...` line, or the last
     line of a traceback): the pipeline stops there, and the message is not lost under pages of logs.
@@ -143,7 +157,7 @@ def run_stage(stage: Stage, cfg) -> None:
     script = os.path.join(ROOT, stage.script)
     if not os.path.exists(script):
         raise UserError(f"stage {stage.name}: {script} not found")
-    command = stage_command(stage, cfg)
+    command = stage_command(stage, cfg) + (["--resume"] if resume else [])
     script_at = command.index(script)
     launcher = " ".join(["torchrun", *command[3:script_at]]) if script_at > 1 else "python"
     print(f"\n=== {stage.name}: {launcher} {' '.join([stage.script, *command[script_at + 1:]])}", flush=True)
@@ -227,9 +241,11 @@ def main() -> None:
     for stage in stages:
         index = STAGE_NAMES.index(stage.name)
         done = all(os.path.exists(path) for path in output_paths(stage, cfg))
-        if cfg.force or index >= first_forced or upstream_ran or (method_ran and not stage.method) or not done:
+        rerun = cfg.force or index >= first_forced or upstream_ran or (method_ran and not stage.method)
+        resume = not rerun and done and unfinished(stage, cfg)   # an interrupted stage goes on where it stopped
+        if rerun or not done or resume:
             t0 = time.time()
-            run_stage(stage, cfg)
+            run_stage(stage, cfg, resume=resume)
             method_ran = method_ran or stage.method
             upstream_ran = upstream_ran or not stage.method
             status, seconds = "ran", format_duration(time.time() - t0)

@@ -139,3 +139,29 @@ def test_bad_options_are_one_clear_line(args, message, capsys):
         run_all.parse_config(run_all.RunAllConfig, run_all.PRESETS, argv=args)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_interrupted_stage_is_continued_with_resume_and_a_finished_one_skipped(tmp_path, monkeypatch, capsys):
+    """A checkpoint saved at an interval (`finished: False`, what Ctrl-C after --save-every leaves) makes
+    run_all run that stage again with --resume; a finished checkpoint is skipped; --force reruns
+    from scratch (no --resume)."""
+    from minirlhf.checkpoint import save_checkpoint
+
+    data_dir, out_dir = tmp_path / "data", tmp_path / "out"
+    data_dir.mkdir()
+    for name in run_all.STAGES[0].outputs:
+        (data_dir / name).write_text("{}")
+    common = dict(model_state={}, model_config={}, tokenizer_identity={}, train_config={}, metrics={})
+    save_checkpoint(out_dir / "base.pt", kind="base", step=10, **common)                  # finished
+    save_checkpoint(out_dir / "sft.pt", kind="sft", step=3, finished=False, **common)     # interrupted
+    calls = []
+    monkeypatch.setattr(run_all, "run_stage", lambda stage, cfg, resume=False: calls.append((stage.name, resume)))
+    args = ["run_all.py", "--preset", "smoke", "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--until", "sft"]
+    monkeypatch.setattr(sys, "argv", args)
+    run_all.main()
+    assert calls == [("sft", True)], "data and base are done; sft was interrupted: continue it"
+    assert run_all.stage_command(run_all.STAGES[2], run_all.RunAllConfig())[-1] != "--resume"
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", args + ["--force"])
+    run_all.main()
+    assert calls == [("data", False), ("base", False), ("sft", False)], "--force starts every stage afresh"

@@ -23,6 +23,10 @@ CPU:  python train_dpo.py                           (preset tiny, ~2 minutes on 
       python train_dpo.py --label-smoothing 0.1     (cDPO: assume 10% of the labels are flipped)
       python train_dpo.py --preset smoke
 GPU:  python train_dpo.py --preset medium --device cuda
+Resume an interrupted run:  python train_dpo.py --resume   (same flags as the first run: dpo.pt is
+      written every --save-every steps with the optimizer; the pair order is replayed from the seed
+      and the reference log-probabilities computed again - both deterministic - so the run continues
+      exactly as if it had not stopped)
 Several processes (data parallel): torchrun --standalone --nproc_per_node=2 train_dpo.py --preset smoke
       --batch-size stays the GLOBAL number of pairs per step: every rank shuffles the pairs with
       the same seed, takes its share of each batch and weights its mean loss so that DDP's averaged
@@ -41,8 +45,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minirlhf import labeling
-from minirlhf.checkpoint import load_policy, save_checkpoint
-from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
+from minirlhf.checkpoint import load_policy, load_resume_checkpoint, save_checkpoint
+from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, pad_sequences, read_prompts
 from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.losses import DPO_LOSS_TYPES, dpo_loss
@@ -83,8 +87,9 @@ class DPOConfig:
     batch_size: int = field(default=32, metadata={"help": "preference pairs per step, over all processes", "min": 1})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (none: every pair, "
                                                                   "--epochs times)", "min": 1})
-    lr: float = field(default=5e-5, metadata={"help": "peak learning rate (AdamW)", "min": 0.0})
-    min_lr: float = field(default=5e-6, metadata={"help": "learning rate at the end of the cosine decay", "min": 0.0})
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate (AdamW)", "above": 0.0})
+    min_lr: float = field(default=5e-6, metadata={"help": "learning rate at the end of the cosine decay (<= --lr)",
+                                                  "min": 0.0})
     warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps", "min": 0})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on 2-D weights", "min": 0.0})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
@@ -94,6 +99,8 @@ class DPOConfig:
                                                            "file (0: none)", "min": 0})
     eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt", "min": 1})
     max_new_tokens: int = field(default=48, metadata={"help": "response budget of the held-out samples", "min": 1})
+    save_every: int = field(default=50, metadata={"help": "write dpo.pt every N steps (and at the end)", "min": 1})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/dpo.pt"})
     kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
                                                    "choices": ["auto", "reference"]})
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
@@ -104,11 +111,13 @@ class DPOConfig:
                              f"got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError("--label-smoothing (cDPO) goes with --loss-type sigmoid")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would decay upwards")
 
 
 PRESETS = {
     "smoke": dict(max_steps=4, batch_size=8, warmup_steps=1, eval_every=2, eval_prompts=4, eval_samples=1,
-                  max_new_tokens=16),
+                  max_new_tokens=16, save_every=2),
     # beta 0.5 measured on the tiny pipeline (one epoch: 186 steps over the 5947 pairs of its
     # rm_comparisons.jsonl; 444 held-out samples): beta 0.1 drifts to KL ~3 nats and loses gold
     # (-0.09 SFT sd); beta 0.5 gains +0.26 at KL 0.7; beta 1.0 +0.21 at KL 0.4; lr 1e-4 (beta 0.5)
@@ -225,6 +234,8 @@ def main() -> None:
     if longest + cfg.max_new_tokens > block_size:
         raise UserError(f"the longest held-out prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} "
                         f"exceeds the model's block_size {block_size}")
+    if runtime.is_main:
+        make_out_dir(cfg.out_dir)   # the inputs are read: a bad --out-dir fails now, not at the first save
     start = time.time()
     ref_logps = reference_logprobs(ref_policy, rows, tokenizer.pad_id, 2 * cfg.batch_size, runtime)   # (rows,)
     steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
@@ -234,29 +245,51 @@ def main() -> None:
           f"epochs), {cfg.loss_type} loss, beta {cfg.beta}")
 
     optimizer = policy.configure_optimizer(cfg.weight_decay, cfg.lr)
+    out_path = os.path.join(cfg.out_dir, "dpo.pt")
+    start_step, baseline = 0, {}   # baseline: the SFT policy's held-out gold, filled by the evaluation at step 0
+    if cfg.resume:   # the weights, the optimizer and the baseline as they were at the interrupted run's last save
+        ckpt = load_resume_checkpoint(out_path, kind="dpo", tokenizer_identity=tokenizer.identity,
+                                      total_steps=total_steps, model_config=policy.config, train_config=cfg)
+        policy.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        baseline = {k: v for k, v in ckpt["metrics"].items() if k.startswith("sft/")}
+        start_step = ckpt["step"]
+        print(f"resumed from {out_path} at step {start_step}")
     train_policy = runtime.wrap(policy)   # DDP under torchrun: backward averages the gradients over ranks
-    baseline: dict = {}
 
     # evaluate(step): the gold labeler on held-out samples, as PPO logs it; gains relative to step 0 (SFT)
     evaluate = HeldOutEvaluation(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
                                  max_new_tokens=cfg.max_new_tokens, temperature=EVAL_TEMPERATURE, seed=cfg.seed,
                                  batch_size=EVAL_BATCH_SIZE, runtime=runtime, baseline=baseline)
 
+    def save(step: int, summary: dict) -> None:
+        """dpo.pt: at the end, and every --save-every steps with the optimizer besides, for --resume (marked
+        unfinished: evaluate.py and chat.py refuse it). The pair order and the reference log-probabilities
+        are not saved: a resumed run computes them again, the same."""
+        resume_state = {} if step == total_steps else {"finished": False, "optimizer": optimizer.state_dict()}
+        save_checkpoint(out_path, kind="dpo", model_state=policy.state_dict(), model_config=asdict(policy.config),
+                        tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step,
+                        metrics={**summary, **baseline}, beta=cfg.beta, loss_type=cfg.loss_type, **resume_state)
+
     # ---- the loop: each step, the global batch's pairs -> one forward of chosen and rejected -> DPO loss
     metrics_path = os.path.join(cfg.out_dir, "dpo_metrics.jsonl")
     order_rng = random.Random(cfg.seed)   # the same seed on every rank: the ranks agree on each global batch
-    progress = Progress(total_steps, desc="dpo")
+    progress = Progress(total_steps, desc="dpo", start=start_step)
     step, record, last_eval = 0, {}, {}
-    with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
-        last_eval = evaluate(0)   # the SFT policy itself: the baseline
-        if last_eval:
-            log.log(0, **last_eval)
+    with MetricsLogger(metrics_path, resume_step=start_step if cfg.resume else None, enabled=runtime.is_main) as log:
+        if start_step == 0:
+            last_eval = evaluate(0)   # the SFT policy itself: the baseline
+            if last_eval:
+                log.log(0, **last_eval)
         while step < total_steps:
             order = list(range(len(pairs)))
-            order_rng.shuffle(order)
+            order_rng.shuffle(order)   # every epoch's shuffle, a resumed run's too: the same order
             for first in range(0, len(order), cfg.batch_size):
                 if step == total_steps:
                     break
+                if step < start_step:   # a batch the interrupted run trained on before its last save
+                    step += 1
+                    continue
                 lr = cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -281,6 +314,9 @@ def main() -> None:
                 log.log(step, **record)
                 progress.log(step, loss=record["loss/train"], acc=record["rewards/accuracies"],
                              margin=record["rewards/margins"], gold=last_eval.get("eval/gold", math.nan))
+                if runtime.is_main and step % cfg.save_every == 0 and step < total_steps:
+                    log.commit()   # the metrics first: a stop during the save leaves them ahead of dpo.pt, never behind
+                    save(step, {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)})
 
     minutes = (time.time() - start) / 60
     if not runtime.is_main:
@@ -288,10 +324,7 @@ def main() -> None:
     summary = {k: v for k, v in {**record, **last_eval}.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     summary.update({"minutes": minutes, "samples_drawn": 0, "comparisons": len(comparisons), "pairs": len(pairs),
                     **baseline})
-    out_path = os.path.join(cfg.out_dir, "dpo.pt")
-    save_checkpoint(out_path, kind="dpo", model_state=policy.state_dict(), model_config=asdict(policy.config),
-                    tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step, metrics=summary,
-                    beta=cfg.beta, loss_type=cfg.loss_type)
+    save(step, summary)   # (the metrics file was written when the loop's block ended)
     curves = os.path.join(cfg.out_dir, "dpo_curves.png")
     plot_curves(read_metrics(metrics_path), [
         {"keys": ["loss/train"], "title": f"DPO loss ({cfg.loss_type})", "ylabel": "loss",

@@ -24,6 +24,10 @@ CPU:  python train_expert.py                   (preset tiny, ~2 minutes on 2 cor
       python train_expert.py --n 8 --rounds 1  (search wider, once)
       python train_expert.py --preset smoke
 GPU:  python train_expert.py --preset medium --device cuda
+Resume an interrupted run:  python train_expert.py --resume   (same flags as the first run: every
+      --save-every steps expert.pt is written with the round, the step within it, the round's chosen
+      responses, its optimizer and the dice of the prompt draws and shuffles; the run continues from
+      there without sampling the round again, exactly as if it had not stopped)
 Several processes (data parallel): torchrun --standalone --nproc_per_node=2 train_expert.py --preset smoke
       Each rank samples and scores its share of the round's prompts with its own dice; the chosen
       responses are gathered so every rank holds the same distillation set; then, as in
@@ -42,8 +46,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minirlhf import labeling
-from minirlhf.checkpoint import load_policy, save_checkpoint
-from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
+from minirlhf.checkpoint import load_policy, load_resume_checkpoint, save_checkpoint
+from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, read_prompts, sft_batch
 from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.metrics import MetricsLogger, read_metrics
@@ -79,17 +83,23 @@ class ExpertConfig:
     sample_batch_size: int = field(default=256, metadata={"help": "sequences sampled at once", "min": 1})
     epochs: int = field(default=2, metadata={"help": "passes over each round's chosen responses", "min": 1})
     batch_size: int = field(default=32, metadata={"help": "examples per step, over all processes", "min": 1})
-    lr: float = field(default=5e-5, metadata={"help": "peak learning rate of each round (AdamW)", "min": 0.0})
-    min_lr: float = field(default=5e-6, metadata={"help": "learning rate at the end of each round's cosine decay",
-                                                  "min": 0.0})
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate of each round (AdamW)", "above": 0.0})
+    min_lr: float = field(default=5e-6, metadata={"help": "learning rate at the end of each round's cosine decay "
+                                                          "(<= --lr)", "min": 0.0})
     warmup_steps: int = field(default=3, metadata={"help": "linear warmup steps of each round", "min": 0})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
     eval_prompts: int = field(default=48, metadata={"help": "held-out prompts per evaluation, evenly spaced in the "
                                                            "file (0: none)", "min": 0})
     eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt", "min": 1})
+    save_every: int = field(default=20, metadata={"help": "write expert.pt every N steps (and at the end)", "min": 1})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/expert.pt"})
     kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
                                                    "choices": ["auto", "reference"]})
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+
+    def __post_init__(self):   # parse_config reports it as a bad flag: one line, exit 2
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would decay upwards")
 
 
 PRESETS = {
@@ -153,40 +163,70 @@ def main() -> None:
     if longest + cfg.max_new_tokens > block_size:
         raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
                         f"the model's block_size {block_size}")
+    if runtime.is_main:
+        make_out_dir(cfg.out_dir)   # the inputs are read: a bad --out-dir fails now, not at the first save
     rng = random.Random(cfg.seed)   # the same seed on every rank: the ranks agree on prompts and batches
+    out_path = os.path.join(cfg.out_dir, "expert.pt")
+    resumed, start_round, baseline = None, 0, {}   # baseline: the SFT policy's held-out gold (the evaluation at 0)
+    if cfg.resume:   # the weights, the dice and the interrupted round as they were at the last save
+        resumed = load_resume_checkpoint(out_path, kind="expert", tokenizer_identity=tokenizer.identity,
+                                         total_steps=None, model_config=policy.config, train_config=cfg,
+                                         needs=("optimizer", "examples", "rng_state"))
+        policy.load_state_dict(resumed["model"])
+        rng.setstate(resumed["rng_state"])
+        baseline = {k: v for k, v in resumed["metrics"].items() if k.startswith("sft/")}
+        start_round = resumed["round"]
+        print(f"resumed from {out_path} at step {resumed['step']} (round {start_round + 1}, "
+              f"{resumed['round_step']} of its steps done)")
     train_policy = runtime.wrap(policy)   # DDP under torchrun: backward averages the gradients over ranks
-    baseline: dict = {}
 
     # evaluate(step): the gold labeler on held-out samples, as PPO logs it; gains relative to step 0 (SFT)
     evaluate = HeldOutEvaluation(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
                                  max_new_tokens=cfg.max_new_tokens, temperature=EVAL_TEMPERATURE, seed=cfg.seed,
                                  batch_size=EVAL_BATCH_SIZE, runtime=runtime, reward_scorer=scorer, baseline=baseline)
 
+    def save(step: int, summary: dict, **resume_state) -> None:
+        """expert.pt: at the end, and every --save-every steps with `resume_state` besides, for --resume
+        (marked unfinished: evaluate.py and chat.py refuse it)."""
+        save_checkpoint(out_path, kind="expert", model_state=policy.state_dict(), model_config=asdict(policy.config),
+                        tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step,
+                        metrics={**summary, **baseline}, **resume_state)
+
     metrics_path = os.path.join(cfg.out_dir, "expert_metrics.jsonl")
     start = time.time()
-    step, record, last_eval = 0, {}, {}
-    with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
-        last_eval = evaluate(0)   # the SFT policy itself: the baseline
-        if last_eval:
-            log.log(0, **last_eval)
-        for round_ in range(cfg.rounds):
-            # ---- 1-2. sample n per prompt from the current policy, keep the RM's favourite
-            round_prompts = labeling.cycle_prompts(prompts, cfg.prompts_per_round, rng)
-            examples, selected = best_of_n_examples(policy, tokenizer, scorer, round_prompts, cfg,
-                                                    runtime.generator(cfg.seed + 1 + round_), runtime)
-            if not examples:
-                raise UserError(f"round {round_ + 1}: no sample ended within --max-new-tokens "
-                                f"{cfg.max_new_tokens}: raise it")
-            print(f"round {round_ + 1}/{cfg.rounds}: best of {cfg.n} for {len(round_prompts)} prompts: reward "
-                  f"{selected['select/reward_mean']:.2f} (mean of n) -> {selected['select/reward_chosen']:.2f} "
-                  f"(chosen); {len(examples)} kept")
+    step, record, last_eval = (resumed["step"] if resumed else 0), {}, {}
+    with MetricsLogger(metrics_path, resume_step=step if resumed else None, enabled=runtime.is_main) as log:
+        if not resumed:
+            last_eval = evaluate(0)   # the SFT policy itself: the baseline
+            if last_eval:
+                log.log(0, **last_eval)
+        for round_ in range(start_round, cfg.rounds):
+            resuming = resumed is not None and round_ == start_round
+            if resuming:   # the interrupted round: its chosen responses as saved, in their shuffled order
+                examples, first_step = [tuple(example) for example in resumed["examples"]], resumed["round_step"]
+                print(f"round {round_ + 1}/{cfg.rounds}: the {len(examples)} responses chosen before the interrupt "
+                      "(not sampled again)")
+            else:
+                # ---- 1-2. sample n per prompt from the current policy, keep the RM's favourite
+                round_prompts = labeling.cycle_prompts(prompts, cfg.prompts_per_round, rng)
+                examples, selected = best_of_n_examples(policy, tokenizer, scorer, round_prompts, cfg,
+                                                        runtime.generator(cfg.seed + 1 + round_), runtime)
+                if not examples:
+                    raise UserError(f"round {round_ + 1}: no sample ended within --max-new-tokens "
+                                    f"{cfg.max_new_tokens}: raise it")
+                print(f"round {round_ + 1}/{cfg.rounds}: best of {cfg.n} for {len(round_prompts)} prompts: reward "
+                      f"{selected['select/reward_mean']:.2f} (mean of n) -> {selected['select/reward_chosen']:.2f} "
+                      f"(chosen); {len(examples)} kept")
+                first_step = 0
 
             # ---- 3. distil: SFT on the chosen responses (a fresh optimizer and schedule each round;
             #      dropout stays off, as in PPO and DPO: load_policy returns the model in eval mode)
             optimizer = policy.configure_optimizer(0.0, cfg.lr)
+            if resuming:
+                optimizer.load_state_dict(resumed["optimizer"])
             round_steps = math.ceil(len(examples) / cfg.batch_size) * cfg.epochs
-            progress = Progress(round_steps, desc=f"round {round_ + 1}")
-            for round_step in range(round_steps):
+            progress = Progress(round_steps, desc=f"round {round_ + 1}", start=first_step)
+            for round_step in range(first_step, round_steps):   # (a resumed round's first step is > 0)
                 if round_step % math.ceil(len(examples) / cfg.batch_size) == 0:
                     rng.shuffle(examples)
                 first = (round_step % math.ceil(len(examples) / cfg.batch_size)) * cfg.batch_size
@@ -216,15 +256,21 @@ def main() -> None:
                     record.update(last_eval)
                 log.log(step, **record)
                 progress.log(round_step + 1, loss=record["loss/train"])
+                last_of_run = round_ == cfg.rounds - 1 and round_step == round_steps - 1
+                if runtime.is_main and step % cfg.save_every == 0 and not last_of_run:
+                    log.commit()   # the metrics first: a stop during the save leaves them ahead, never behind
+                    # what --resume needs: the round and its steps done, its chosen responses (sampled once,
+                    # in their current order), its optimizer, and the dice of the later shuffles and draws
+                    save(step, {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+                         finished=False, round=round_, round_step=round_step + 1, examples=examples,
+                         optimizer=optimizer.state_dict(), rng_state=rng.getstate())
 
     minutes = (time.time() - start) / 60
     if not runtime.is_main:
         return   # rank 0 alone reports and writes
     summary = {k: v for k, v in {**record, **last_eval}.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     summary.update({"minutes": minutes, "samples_drawn": cfg.rounds * cfg.prompts_per_round * cfg.n, **baseline})
-    out_path = os.path.join(cfg.out_dir, "expert.pt")
-    save_checkpoint(out_path, kind="expert", model_state=policy.state_dict(), model_config=asdict(policy.config),
-                    tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step, metrics=summary)
+    save(step, summary)   # (the metrics file was written when the loop's block ended)
     curves = os.path.join(cfg.out_dir, "expert_curves.png")
     plot_curves(read_metrics(metrics_path), [
         {"keys": ["loss/train"], "title": "distillation loss (chosen responses' tokens)", "ylabel": "cross-entropy (nats)"},

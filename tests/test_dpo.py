@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ import torch
 
 from minirlhf import world
 from minirlhf.checkpoint import load_checkpoint, load_policy, save_checkpoint
-from minirlhf.cli import run_main
+from minirlhf.cli import UserError, run_main
 from minirlhf.labeling import read_ranked_comparisons
 from minirlhf.losses import dpo_loss
 from minirlhf.metrics import read_metrics
@@ -342,6 +343,35 @@ def test_train_dpo_bad_comparisons_are_one_error_line(case, dpo_world, tmp_path,
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "error:" in lines[0] and expected in lines[0], f"{case}: {err!r}"
     assert not (tmp_path / "dpo.pt").exists(), "a failed run must not write dpo.pt"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--lr", "0"], "argument --lr: must be > 0.0, got 0.0"),
+    (["--lr", "1e-6"], "--min-lr 5e-06 is above --lr 1e-06: the schedule would decay upwards"),
+])
+def test_train_dpo_learning_rates_that_would_not_train(flags, expected, dpo_world, tmp_path, monkeypatch, capsys):
+    code, _, err = run_in_process(monkeypatch, capsys, *smoke_args(dpo_world, tmp_path), *flags)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "error:" in lines[0] and expected in lines[0], err
+    assert os.listdir(tmp_path) == [], "a bad flag must stop the run before anything is written"
+
+
+def test_train_dpo_resume_refuses_a_finished_run_and_evaluate_refuses_an_unfinished_one(dpo_world, smoke_run,
+                                                                                        tmp_path, monkeypatch, capsys):
+    """--resume continues an interval save (tests/test_resume.py: a real Ctrl-C); a finished dpo.pt has
+    nothing left to do. An interval save (`finished: False`) is refused by every reader but --resume,
+    with the command that finishes it."""
+    finished = torch.load(smoke_run[0] / "dpo.pt", weights_only=True)
+    shutil.copy(smoke_run[0] / "dpo.pt", tmp_path / "dpo.pt")
+    code, _, err = run_in_process(monkeypatch, capsys, *smoke_args(dpo_world, tmp_path), "--resume")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "dpo.pt is already at step 4 of 4: that run finished" in lines[0], err
+
+    save_checkpoint(tmp_path / "dpo.pt", kind="dpo", model_state=finished["model"],
+                    model_config=finished["model_config"], tokenizer_identity=finished["tokenizer"], train_config={},
+                    step=2, metrics={}, finished=False, optimizer={})
+    with pytest.raises(UserError, match=r"dpo.pt is an unfinished run, saved at step 2: .*python train_dpo.py --resume"):
+        load_policy(tmp_path / "dpo.pt")   # what evaluate.py and chat.py load it with
 
 
 def test_train_dpo_torchrun_two_processes_write_once_and_train_as_one(dpo_world, smoke_run, tmp_path):

@@ -20,11 +20,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minirlhf.checkpoint import load_checkpoint, load_policy
+from minirlhf.checkpoint import load_checkpoint, load_policy, save_checkpoint
+from minirlhf.cli import UserError
 from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
 from ranks import ROOT, torchrun
 from test_ppo import tiny_world  # noqa: F401 (a fixture)
+from test_resume import run_in_process
 
 import train_expert
 
@@ -124,3 +126,36 @@ def test_torchrun_two_processes_write_once(tiny_world, smoke_run, tmp_path):
     for record in records:
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in record.values()), record
     assert load_checkpoint(tmp_path / "expert.pt", kind="expert")["metrics"]["samples_drawn"] == 64
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--lr", "0"], "argument --lr: must be > 0.0, got 0.0"),
+    (["--lr", "1e-6"], "--min-lr 5e-06 is above --lr 1e-06: the schedule would decay upwards"),
+])
+def test_learning_rates_that_would_not_train(flags, expected, tmp_path, monkeypatch, capsys):
+    code, _, err = run_in_process("train_expert", ["--out-dir", str(tmp_path), *flags], monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "error:" in lines[0] and expected in lines[0], err
+    assert os.listdir(tmp_path) == [], "a bad flag must stop the run before anything is written"
+
+
+def test_resume_refuses_a_finished_run_and_evaluate_refuses_an_unfinished_one(tiny_world, smoke_run, tmp_path,
+                                                                              monkeypatch, capsys):
+    """--resume continues an interval save (tests/test_resume.py: a real Ctrl-C); a finished expert.pt
+    holds none of what it needs. An interval save (`finished: False`) is refused by every reader but
+    --resume, with the command that finishes it."""
+    for name in ("sft.pt", "rm.pt"):
+        shutil.copy(os.path.join(tiny_world["out"], name), tmp_path / name)
+    shutil.copy(smoke_run[0] / "expert.pt", tmp_path / "expert.pt")
+    code, _, err = run_in_process("train_expert", ["--preset", "smoke", "--data-dir", tiny_world["data"], "--out-dir",
+                                                   str(tmp_path), "--device", "cpu", "--resume"], monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "expert.pt holds no optimizer" in lines[0], err
+    assert "cannot resume from it" in lines[0], err
+
+    finished = torch.load(tmp_path / "expert.pt", weights_only=True)
+    save_checkpoint(tmp_path / "expert.pt", kind="expert", model_state=finished["model"],
+                    model_config=finished["model_config"], tokenizer_identity=finished["tokenizer"], train_config={},
+                    step=1, metrics={}, finished=False, optimizer={}, examples=[], rng_state=None)
+    with pytest.raises(UserError, match=r"expert.pt is an unfinished run, saved at step 1: .*train_expert.py --resume"):
+        load_policy(tmp_path / "expert.pt")   # what evaluate.py and chat.py load it with

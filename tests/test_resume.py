@@ -34,6 +34,7 @@ from minirlhf.checkpoint import load_checkpoint, save_checkpoint
 from minirlhf.cli import run_main
 from minirlhf.model import GPT, MODEL_PRESETS, GPTConfig, RewardModel
 from minirlhf.tokenizer import Tokenizer, chat_text, save_ranks, train_bpe
+from test_dpo import write_comparisons
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -187,3 +188,32 @@ def test_resume_rm(tiny_world, tmp_path, monkeypatch, capsys):
                             ["sft.pt"], tiny_world, tmp_path, monkeypatch, capsys)
     whole, broken = tmp_path / "uninterrupted", tmp_path / "interrupted"
     assert (broken / "rm_comparisons.jsonl").read_text() == (whole / "rm_comparisons.jsonl").read_text()
+
+
+@pytest.fixture(scope="module")
+def preference_file(tmp_path_factory):
+    """Rankings of 24 of the world's prompts, written by hand (tests/test_dpo.py's `write_comparisons`):
+    60 preference pairs, DPO's input."""
+    path = tmp_path_factory.mktemp("resume_preferences") / "rm_comparisons.jsonl"
+    write_comparisons(path, world.split_prompts(0).rm[:24])
+    return str(path)
+
+
+def test_resume_dpo(tiny_world, preference_file, tmp_path, monkeypatch, capsys):
+    """dpo.pt holds the weights and the optimizer only: the resumed run replays the pair order from the
+    seed and computes the reference log-probabilities again. 60 pairs in batches of 8: 8 steps an
+    epoch, 2 epochs, so the resumed run crosses an epoch boundary (a new shuffle)."""
+    check_resume_reproduces("dpo", "train_dpo.py", ["--preset", "smoke", "--comparisons", preference_file,
+                                                    "--epochs", "2", "--max-steps", "none", "--save-every", "3"],
+                            ["sft.pt"], tiny_world, tmp_path, monkeypatch, capsys, total=16)
+
+
+@pytest.mark.parametrize("save_every", [2, 3], ids=["within_a_round", "at_a_rounds_end"])
+def test_resume_expert(save_every, tiny_world, tmp_path, monkeypatch, capsys):
+    """expert.pt holds the round, its steps done, its chosen responses (the resumed run does not sample
+    them again), its optimizer and the dice. Two rounds (8, then 9 responses kept here: 3 and 6
+    steps): the first save falls inside round 1 (--save-every 2) or at its end (3), and the resumed
+    run samples round 2 with the dice it had."""
+    check_resume_reproduces("expert", "train_expert.py", ["--preset", "smoke", "--rounds", "2", "--epochs", "3",
+                                                          "--max-new-tokens", "48", "--save-every", str(save_every)],
+                            ["sft.pt", "rm.pt"], tiny_world, tmp_path, monkeypatch, capsys)

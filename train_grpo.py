@@ -78,6 +78,10 @@ GPU:  python train_grpo.py --preset small --device cuda
 torchrun --standalone --nproc_per_node=2 train_grpo.py --preset small --device cuda
       (the --batch-size prompts are split over the processes; each samples all k responses of its
        prompts, so a group never straddles two processes and its advantages need no communication)
+Resume an interrupted run:  python train_grpo.py --resume   (same flags as the first run, --advantage
+      included: every --save-every updates grpo.pt/rloo.pt is written, marked unfinished, with the
+      optimizer, beta, the dice, the prompts of this pass not drawn yet and the held-out baseline -
+      `ppo.save_run`, as train_ppo.py - so the resumed run ends as if it had never stopped)
 """
 
 from __future__ import annotations
@@ -85,20 +89,21 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-from minirlhf.checkpoint import load_policy, save_checkpoint
-from minirlhf.cli import Progress, UserError, parse_config, print_config, run_main
+from minirlhf.checkpoint import load_policy
+from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, read_prompts
 from minirlhf.evaluation import HeldOutEvaluation
-from minirlhf.losses import grpo_advantages, kl_penalty, masked_mean, ppo_policy_loss, rloo_advantages
+from minirlhf.losses import (FixedKLController, grpo_advantages, kl_penalty, masked_mean, ppo_policy_loss,
+                             rloo_advantages)
 from minirlhf.metrics import MetricsLogger, read_metrics
 from minirlhf.plots import plot_curves
 from minirlhf.ppo import (Rollout, draw_prompts, fit_gold_normaliser, mean_over_minibatches, means_over_ranks,
-                          minibatch_orders, minibatch_stats, optimizer_step, policy_logprobs, rollout_logprobs,
-                          score_rollout, token_share)
+                          minibatch_orders, minibatch_stats, optimizer_step, policy_logprobs, resume_run,
+                          rollout_logprobs, save_run, score_rollout, token_share)
 from minirlhf.reward import load_reward_model
 from minirlhf.runtime import Runtime, setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
@@ -130,7 +135,7 @@ class GRPOConfig:
     group_size: int = field(default=4, metadata={"help": "k: responses sampled per prompt (the group)", "min": 2})
     num_minibatches: int = field(default=4, metadata={"help": "minibatches per epoch (of responses)", "min": 1})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each batch", "min": 1})
-    lr: float = field(default=1e-4, metadata={"help": "policy learning rate (AdamW)", "min": 0.0})
+    lr: float = field(default=1e-4, metadata={"help": "policy learning rate (AdamW)", "above": 0.0})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "the learning rate decays (cosine) to this fraction",
                                                        "min": 0.0, "max": 1.0})
     warmup_updates: int = field(default=2, metadata={"help": "linear learning-rate warmup, in updates", "min": 0})
@@ -151,6 +156,10 @@ class GRPOConfig:
                                                            "file (0: none)", "min": 0})
     eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt", "min": 1})
     sample_every: int = field(default=10, metadata={"help": "print one group every N updates", "min": 1})
+    save_every: int = field(default=20, metadata={"help": "write grpo.pt/rloo.pt every N updates (and at the end)",
+                                                  "min": 1})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/grpo.pt "
+                                                         "(rloo.pt with --advantage rloo)"})
     kernels: str = field(default="auto", metadata={"help": "logprob kernels: auto (fused) or reference",
                                                    "choices": ["auto", "reference"]})
     debug: bool = field(default=False, metadata={"help": "show tracebacks"})
@@ -158,7 +167,7 @@ class GRPOConfig:
 
 PRESETS = {
     "smoke": dict(total_updates=3, batch_size=4, group_size=2, num_minibatches=2, max_new_tokens=16, eval_every=2,
-                  eval_prompts=4, eval_samples=1, sample_every=2, warmup_updates=0),
+                  eval_prompts=4, eval_samples=1, sample_every=2, save_every=2, warmup_updates=0),
     "tiny": {},
     "medium": {},
     # not measured: PPO's small settings, with 32 prompts x 4 = PPO's 128 responses per update
@@ -282,7 +291,7 @@ def main() -> None:
     else:
         print(f"note: {rm_path} not found: no RM score in the logs")
     optimizer = policy.configure_optimizer(0.0, cfg.lr)
-    train_policy = runtime.wrap(policy)   # DDP under torchrun: its backward averages the gradients
+    kl_controller = FixedKLController(cfg.kl_coef)   # beta is fixed here; saved and resumed as PPO's
 
     # ---- prompts
     prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "ppo_prompts.jsonl"))
@@ -291,11 +300,23 @@ def main() -> None:
     if longest + cfg.max_new_tokens > policy.config.block_size:
         raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
                         f"the model's block_size {policy.config.block_size}")
+    if runtime.is_main:
+        make_out_dir(cfg.out_dir)   # a file, or read-only: one line now, not at the first save
     rng = runtime.cpu_generator(cfg.seed)            # prompt order, minibatches: the same on every rank
     sample_generator = runtime.generator(cfg.seed)   # the policy's sampling: each rank its own dice
+
+    # ---- resume: grpo.pt (rloo.pt) holds the weights and, for --resume, the rest of the run's state
     out_path = os.path.join(cfg.out_dir, f"{kind}.pt")
     metrics_path = os.path.join(cfg.out_dir, f"{kind}_metrics.jsonl")
-    gold_normaliser, baseline = None, {}
+    run_state = dict(policy=policy, policy_optimizer=optimizer, kl_controller=kl_controller, rng=rng,
+                     sample_generator=sample_generator)
+    start_update, prompt_order, gold_normaliser, baseline = 0, [], None, {}
+    if cfg.resume:
+        start_update, prompt_order, gold_normaliser, baseline = resume_run(out_path, cfg.total_updates, kind=kind,
+                                                                           tokenizer=tokenizer, runtime=runtime,
+                                                                           **run_state)
+    kl_coef = kl_controller.value         # fixed: --kl-coef, or the interrupted run's
+    train_policy = runtime.wrap(policy)   # DDP under torchrun: its backward averages the gradients
 
     # evaluate(update): train_ppo.py's held-out evaluation; the first call (the SFT policy) fills `baseline`
     evaluate = HeldOutEvaluation(policy, ref_policy, tokenizer, eval_prompts, samples_per_prompt=cfg.eval_samples,
@@ -305,19 +326,19 @@ def main() -> None:
 
     # ---- the loop
     print(f"{cfg.advantage.upper()}: {cfg.total_updates} updates x {cfg.batch_size} prompts x {k} samples, "
-          f"reward = {cfg.reward}, KL in the {cfg.kl_mode} (beta {cfg.kl_coef:g}), {len(prompts)} prompts, "
+          f"reward = {cfg.reward}, KL in the {cfg.kl_mode} (beta {kl_coef:g}), {len(prompts)} prompts, "
           f"{len(eval_prompts)} x {cfg.eval_samples} held-out samples per evaluation")
     if runtime.distributed:
         print(f"data parallel: {runtime.world_size} processes x {cfg.batch_size // runtime.world_size} prompts x {k} "
               f"samples ({runtime.device}, {runtime.dtype})")
-    progress = Progress(cfg.total_updates, desc=kind, every=1)
-    prompt_order: list[int] = []
+    progress = Progress(cfg.total_updates, desc=kind, every=1, start=start_update)
     start = time.time()
     summary: dict = {}
-    with MetricsLogger(metrics_path, enabled=runtime.is_main) as log:
-        if eval_prompts:
+    with MetricsLogger(metrics_path, resume_step=start_update if cfg.resume else None,
+                       enabled=runtime.is_main) as log:
+        if start_update == 0 and eval_prompts:
             log.log(0, **evaluate(0))
-        for update in range(cfg.total_updates):
+        for update in range(start_update, cfg.total_updates):
             t0 = time.time()
             lr_scale = cosine_lr(update, cfg.total_updates, 1.0, cfg.warmup_updates, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
@@ -351,12 +372,12 @@ def main() -> None:
             # 4. advantages: one per response, from its group alone (no critic); the KL joins the
             #    score first in --kl-mode reward, the loss in --kl-mode loss
             advantages = group_advantages(rollout.scores, kl_per_response, group_size=k, advantage=cfg.advantage,
-                                          kl_mode=cfg.kl_mode, kl_coef=cfg.kl_coef, eps=cfg.eps)   # (rows,)
+                                          kl_mode=cfg.kl_mode, kl_coef=kl_coef, eps=cfg.eps)   # (rows,)
             rollout.advantages = advantages[:, None] * mask                          # each token its response's
             record = means_over_ranks(runtime, {
                 "objective/scores": (rollout.scores.mean().item(), len(rows)),
                 "objective/kl": (kl_per_response.mean().item(), len(rows)),
-                "objective/rlhf_reward": ((rollout.scores - cfg.kl_coef * kl_per_response).mean().item(), len(rows)),
+                "objective/rlhf_reward": ((rollout.scores - kl_coef * kl_per_response).mean().item(), len(rows)),
                 "objective/entropy": (masked_mean(rollout.entropy, mask).item(), mask.sum().item()),
                 "objective/gold": (gold.float().mean().item(), len(rows)),
                 **({"objective/rm": (rm.mean().item(), len(rows))} if rm is not None else {}),
@@ -368,12 +389,12 @@ def main() -> None:
             # 5. clipped-surrogate epochs; no value loss
             t1 = time.time()
             update_stats = grpo_update(rollout, train_policy, optimizer, orders=orders, temperature=cfg.temperature,
-                                       clip_range=cfg.clip_range, kl_mode=cfg.kl_mode, kl_coef=cfg.kl_coef,
+                                       clip_range=cfg.clip_range, kl_mode=cfg.kl_mode, kl_coef=kl_coef,
                                        grad_clip=cfg.grad_clip, step=update + 1, runtime=runtime)
             update_stats.pop("minibatch_stats")
             record.update(update_stats)
             (n_tokens,) = runtime.sum_over_ranks(mask.sum().item())
-            record.update({"kl_coef": cfg.kl_coef, "lr": cfg.lr * lr_scale, "time/rollout_s": rollout_seconds,
+            record.update({"kl_coef": kl_coef, "lr": cfg.lr * lr_scale, "time/rollout_s": rollout_seconds,
                            "time/update_s": time.time() - t1,
                            "time/episodes_per_s": cfg.batch_size * k / (time.time() - t0)})
 
@@ -389,15 +410,19 @@ def main() -> None:
                          kl=record["objective/kl"], zero_std=record["group/zero_std_share"],
                          clipfrac=record["policy/clipfrac"])
             summary = {name: v for name, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            if step % cfg.save_every == 0 and step < cfg.total_updates:   # (the last one is saved below)
+                log.commit()   # the metrics first: a stop during the save leaves them ahead, never behind
+                save_run(out_path, step, {**summary, **baseline}, kind=kind, finished=False, cfg=cfg,
+                         tokenizer=tokenizer, runtime=runtime, prompt_order=prompt_order,
+                         gold_normaliser=gold_normaliser, advantage=cfg.advantage, kl_mode=cfg.kl_mode, **run_state)
 
     minutes = (time.time() - start) / 60
     summary.update({"minutes": minutes, "samples_drawn": cfg.batch_size * k * cfg.total_updates})
+    save_run(out_path, cfg.total_updates, {**summary, **baseline}, kind=kind, cfg=cfg, tokenizer=tokenizer,
+             runtime=runtime, prompt_order=prompt_order, gold_normaliser=gold_normaliser, advantage=cfg.advantage,
+             kl_mode=cfg.kl_mode, **run_state)   # (every rank: it gathers their sampling dice)
     if not runtime.is_main:
-        return   # rank 0 alone writes, plots and reports
-    save_checkpoint(out_path, kind=kind, model_state=policy.state_dict(), model_config=asdict(policy.config),
-                    tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=cfg.total_updates,
-                    metrics={**summary, **baseline}, reward=cfg.reward, advantage=cfg.advantage,
-                    kl_mode=cfg.kl_mode, gold_normaliser=list(gold_normaliser) if gold_normaliser else None)
+        return   # rank 0 alone plots and reports
     curves = os.path.join(cfg.out_dir, f"{kind}_curves.png")
     plot_curves(read_metrics(metrics_path), [
         {"keys": ["objective/scores", "objective/rlhf_reward", "eval/rm"], "title": "reward (what is maximised)",

@@ -13,7 +13,8 @@ the loop needs around them:
 * one gradient step, `optimizer_step`; the logged stats, `minibatch_stats`, `mean_over_minibatches`,
   `rollout_stats`;
 * data parallelism: `token_share`, `means_over_ranks`;
-* saving and resuming a run: `save_run`, `resume_run`; the critic's start: `critic_from_reward_model`.
+* saving and resuming a run (PPO's and GRPO's): `save_run`, `resume_run`; the critic's start:
+  `critic_from_reward_model`.
 
 The shape is InstructGPT's (Ouyang et al. 2022, section 3.5, eq. 2) as OpenAI's lm-human-preferences
 (LHP) and TRL implement it (Huang et al. 2024, "The N Implementation Details of RLHF with PPO").
@@ -485,18 +486,26 @@ def single_process(device: torch.device) -> Runtime:
 
 
 # ----------------------------------------------------------------------------------------------
-# Saving and resuming a run (train_ppo.py --resume)
+# Saving and resuming a run (train_ppo.py and train_grpo.py --resume)
 # ----------------------------------------------------------------------------------------------
 
 
 def save_run(path: str, step: int, metrics: dict, *, cfg, tokenizer, runtime: Runtime, policy: GPT,
-             critic: ValueModel, policy_optimizer, value_optimizer, kl_controller, rng: torch.Generator,
-             sample_generator: torch.Generator, prompt_order: list[int],
-             gold_normaliser: tuple[float, float] | None) -> None:
-    """Write ppo.pt: the policy (loadable as sft.pt is), and everything `resume_run` needs to go on
-    as if the run had never stopped - the critic, both optimizers, the KL coefficient, the shared
-    dice (`rng`), the prompts of this pass not drawn yet, every rank's sampling dice, and the gold
-    normaliser (`--reward gold`).
+             policy_optimizer, kl_controller, rng: torch.Generator, sample_generator: torch.Generator,
+             prompt_order: list[int], gold_normaliser: tuple[float, float] | None,
+             critic: ValueModel | None = None, value_optimizer=None, kind: str = "ppo",
+             finished: bool | None = None, **extra) -> None:
+    """Write the run's checkpoint: the policy (loadable as sft.pt is), and everything `resume_run`
+    needs to go on as if the run had never stopped - the policy's optimizer, the KL coefficient, the
+    shared dice (`rng`), the prompts of this pass not drawn yet, every rank's sampling dice, the
+    gold normaliser (`--reward gold`), and PPO's critic and its optimizer (GRPO has none).
+
+    kind: "ppo" (ppo.pt), or train_grpo.py's "grpo" / "rloo", which pass no critic.
+    finished: False marks an interval save of a run not done yet: every reader but `--resume`
+        refuses it (`load_checkpoint`), and run_all.py continues it with --resume (train_grpo.py's
+        saves). None writes no mark (ppo.pt's, never marked: evaluating a PPO run half way is a
+        use of its own).
+    extra: more fields of the kind (train_grpo.py: `advantage`, `kl_mode`).
 
     A collective (it gathers every rank's sampling dice): every rank calls it; rank 0 alone writes.
     `cfg` is the run's config (stored as `train_config`); `metrics` the summary to store.
@@ -504,30 +513,46 @@ def save_run(path: str, step: int, metrics: dict, *, cfg, tokenizer, runtime: Ru
     sample_rng_states = runtime.gather_objects([sample_generator.get_state().cpu()])
     if not runtime.is_main:
         return
-    save_checkpoint(path, kind="ppo", model_state=policy.state_dict(), model_config=asdict(policy.config),
+    fields = {"policy_optimizer": policy_optimizer.state_dict()}
+    if critic is not None:   # PPO's critic
+        fields.update(value_model=critic.state_dict(), value_model_config=asdict(critic.config),
+                      value_optimizer=value_optimizer.state_dict())
+    if finished is not None:
+        fields["finished"] = finished
+    save_checkpoint(path, kind=kind, model_state=policy.state_dict(), model_config=asdict(policy.config),
                     tokenizer_identity=tokenizer.identity, train_config=asdict(cfg), step=step,
-                    metrics=metrics, value_model=critic.state_dict(),
-                    value_model_config=asdict(critic.config), policy_optimizer=policy_optimizer.state_dict(),
-                    value_optimizer=value_optimizer.state_dict(), kl_coef=float(kl_controller.value),
+                    metrics=metrics, **fields, kl_coef=float(kl_controller.value),
                     rng_state=rng.get_state(), prompt_order=list(prompt_order),
                     sample_rng_state=sample_rng_states[0], sample_rng_states=sample_rng_states,   # (older readers: one)
-                    gold_normaliser=list(gold_normaliser) if gold_normaliser else None, reward=cfg.reward)
+                    gold_normaliser=list(gold_normaliser) if gold_normaliser else None, reward=cfg.reward, **extra)
 
 
-def resume_run(path: str, total_updates: int, *, tokenizer, runtime: Runtime, policy: GPT, critic: ValueModel,
-               policy_optimizer, value_optimizer, kl_controller, rng: torch.Generator,
-               sample_generator: torch.Generator) -> tuple[int, list[int], tuple[float, float] | None, dict]:
-    """Load what `save_run` wrote into the run's objects, in place: the weights of the policy and
-    the critic, both optimizers, the KL coefficient, the shared dice and this rank's sampling dice.
+def resume_run(path: str, total_updates: int, *, tokenizer, runtime: Runtime, policy: GPT, policy_optimizer,
+               kl_controller, rng: torch.Generator, sample_generator: torch.Generator,
+               critic: ValueModel | None = None, value_optimizer=None,
+               kind: str = "ppo") -> tuple[int, list[int], tuple[float, float] | None, dict]:
+    """Load what `save_run` wrote into the run's objects, in place: the weights of the policy (and
+    of PPO's critic), the optimizers, the KL coefficient, the shared dice and this rank's sampling
+    dice. An interval save marked unfinished is what it is for.
 
     Returns (the update to start from, the prompts of this pass not drawn yet, the gold normaliser
-    or None, the SFT baseline of the held-out evaluation). A one-line error if the run is finished.
+    or None, the SFT baseline of the held-out evaluation). A one-line error if the run is finished,
+    or if the checkpoint holds no optimizer (written by a script that could not resume).
     """
-    ckpt = load_checkpoint(path, kind="ppo", tokenizer_identity=tokenizer.identity)
+    ckpt = load_checkpoint(path, kind=kind, tokenizer_identity=tokenizer.identity, unfinished_ok=True)
+    needs = ("policy_optimizer", "kl_coef", "rng_state")
+    if critic is not None:
+        needs += ("value_model", "value_optimizer")
+    missing = [name for name in needs if name not in ckpt]
+    if missing:
+        raise UserError(f"{path} holds no {', '.join(missing)} (it was not written by a run that can be "
+                        "resumed): cannot resume from it")
     policy.load_state_dict(ckpt["model"])
-    critic.load_state_dict(ckpt["value_model"])
+    if critic is not None:
+        critic.load_state_dict(ckpt["value_model"])
     policy_optimizer.load_state_dict(ckpt["policy_optimizer"])
-    value_optimizer.load_state_dict(ckpt["value_optimizer"])
+    if value_optimizer is not None:
+        value_optimizer.load_state_dict(ckpt["value_optimizer"])
     kl_controller.value = float(ckpt["kl_coef"])
     rng.set_state(ckpt["rng_state"])
     prompt_order = list(ckpt.get("prompt_order", []))   # the rest of this pass (older checkpoints: reshuffled)

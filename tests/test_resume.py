@@ -96,7 +96,10 @@ def interrupt_after_first_save(script: str, args: list[str], checkpoint: str, lo
     goes to files, not pipes: a pipe nobody reads could fill up and stall the run."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=REPO)
     with open(log_dir / "stdout", "w") as out, open(log_dir / "stderr", "w") as err:
-        process = subprocess.Popen([sys.executable, script, *args], cwd=REPO, env=env, stdout=out, stderr=err)
+        # SIGINT back to its default in the child: a shell starts background jobs (`pytest ... &`,
+        # some CI runners) with SIGINT ignored, and a Python started so never raises KeyboardInterrupt
+        process = subprocess.Popen([sys.executable, script, *args], cwd=REPO, env=env, stdout=out, stderr=err,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while not os.path.exists(checkpoint) and process.poll() is None and time.time() < deadline:
             time.sleep(0.005)

@@ -30,12 +30,7 @@ CPU = Runtime(device=torch.device("cpu"))
 PROMPTS = ["what does a cow eat?", "praise the dog.", "what is 3 plus 4?", "what does a duck eat?", "praise the cat."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # (tests/conftest.py)
 
 
 def toy_tokenizer(folder) -> Tokenizer:

@@ -27,12 +27,7 @@ from minirlhf.tokenizer import save_ranks, train_bpe
 from test_resume import REPO, run_in_process, tiny_world  # noqa: F401 (tiny_world: a fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # (tests/conftest.py)
 
 
 def assert_one_error_line(code, stderr, *must_contain):

@@ -35,12 +35,7 @@ from test_ppo import tiny_world, toy_generation, toy_gpt  # noqa: F401 (tiny_wor
 import train_grpo
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # (tests/conftest.py)
 
 
 # ---------------------------------------------------------------------------------------------

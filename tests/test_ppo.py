@@ -55,12 +55,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS, PAD = 6, 7  # token ids of the toy models below (vocabulary 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # (tests/conftest.py)
 
 
 def toy_gpt(seed: int, vocab_size: int = 8, dropout: float = 0.0, d_model: int = 16, n_layer: int = 1) -> GPT:

@@ -41,12 +41,7 @@ sys.path.insert(0, REPO)
 TIMING_KEYS = ("tokens_per_s",)   # and every "time/..." key: wall-clock, different in every run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ from minirlhf.checkpoint import load_checkpoint, load_policy
 from minirlhf.cli import UserError
 from minirlhf.metrics import read_metrics
 from minirlhf.ppo import save_run
-from test_resume import check_resume_reproduces, one_thread, run_in_process, tiny_world  # noqa: F401 (fixtures)
+from test_resume import check_resume_reproduces, run_in_process, tiny_world  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # (tests/conftest.py)
 
 
 def test_resume_grpo(tiny_world, tmp_path, monkeypatch, capsys):

@@ -27,7 +27,7 @@ import torch
 
 from minirlhf import world
 from minirlhf.checkpoint import load_checkpoint, load_policy, save_checkpoint
-from minirlhf.cli import UserError, run_main
+from minirlhf.cli import UserError
 from minirlhf.labeling import read_ranked_comparisons
 from minirlhf.losses import dpo_loss
 from minirlhf.metrics import read_metrics
@@ -35,6 +35,7 @@ from minirlhf.model import GPT, GPTConfig
 from minirlhf.runtime import Runtime
 from minirlhf.tokenizer import Tokenizer, save_ranks, train_bpe
 from ranks import torchrun
+from test_stages import run_in_process as run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -250,14 +251,7 @@ def smoke_run(dpo_world, tmp_path_factory):
 def run_in_process(monkeypatch, capsys, *args):
     """Run train_dpo the way the command line does (run_main), without a new interpreter."""
     import train_dpo
-    monkeypatch.setattr(sys, "argv", ["train_dpo.py", *args])
-    code = 0
-    try:
-        run_main(train_dpo.main)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_module(train_dpo, list(args), monkeypatch, capsys)
 
 
 def test_train_dpo_smoke_preset_end_to_end(smoke_run):

@@ -38,7 +38,6 @@ import torch
 
 from minirlhf import labeler, world
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
-from minirlhf.cli import run_main
 from minirlhf.generate import generate
 from minirlhf.kernels import gae
 from minirlhf.losses import (AdaptiveKLController, kl_shaped_rewards, masked_whiten, ppo_policy_loss,
@@ -50,6 +49,7 @@ from minirlhf.ppo import (Rollout, critic_from_reward_model, critic_values, mini
 from minirlhf.reward import RewardScorer
 from minirlhf.runtime import Runtime
 from minirlhf.tokenizer import Tokenizer, save_ranks, train_bpe
+from test_stages import run_in_process as run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS, PAD = 6, 7  # token ids of the toy models below (vocabulary 8)
@@ -499,14 +499,7 @@ def tiny_world(tmp_path_factory):
 def run_in_process(monkeypatch, capsys, *args):
     """Run train_ppo the way the command line does (run_main), without a new interpreter."""
     import train_ppo
-    monkeypatch.setattr(sys, "argv", ["train_ppo.py", *args])
-    code = 0
-    try:
-        run_main(train_ppo.main)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_module(train_ppo, list(args), monkeypatch, capsys)
 
 
 @pytest.fixture(scope="module")

@@ -31,10 +31,10 @@ import torch
 
 from minirlhf import world
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
-from minirlhf.cli import run_main
 from minirlhf.model import GPT, MODEL_PRESETS, GPTConfig, RewardModel
 from minirlhf.tokenizer import Tokenizer, chat_text, save_ranks, train_bpe
 from test_dpo import write_comparisons
+from test_stages import run_in_process as run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -75,15 +75,7 @@ def tiny_world(tmp_path_factory):
 
 def run_in_process(module_name: str, args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
     """`python MODULE.py ARGS` in this process, through run_main: (exit code, stdout, stderr)."""
-    module = __import__(module_name)
-    monkeypatch.setattr(sys, "argv", [f"{module_name}.py", *args])
-    code = 0
-    try:
-        run_main(module.main)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_module(__import__(module_name), args, monkeypatch, capsys)
 
 
 def interrupt_after_first_save(script: str, args: list[str], checkpoint: str, log_dir) -> subprocess.CompletedProcess:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
 from minirlhf import labeler
 from minirlhf.checkpoint import load_policy
-from minirlhf.cli import UserError, parse_config, run_main
+from minirlhf.cli import UserError, option, parse_config, run_main
 from minirlhf.tokenizer import Tokenizer, render_chat
 from minirlhf.training import sample_responses
 from minirlhf.runtime import setup_runtime
@@ -33,25 +32,21 @@ from minirlhf.runtime import setup_runtime
 
 @dataclass
 class ChatConfig:
-    checkpoint: str = field(default="", metadata={"help": "a base, SFT or PPO checkpoint (default: OUT_DIR/ppo.pt, "
-                                                          "else sft.pt, else base.pt)"})
-    out_dir: str = field(default="out", metadata={"help": "where to look for the default checkpoint"})
-    data_dir: str = field(default="data", metadata={"help": "where the tokenizer is"})
-    prompt: str = field(default="", metadata={"help": "answer this one prompt and exit (empty: a prompt> loop)"})
-    n_samples: int = field(default=1, metadata={"help": "answers per prompt", "min": 1, "max": 64})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0: greedy)", "min": 0.0})
-    top_k: Optional[int] = field(default=None, metadata={"help": "sample from the k most likely tokens only "
-                                                                 "(none: all)", "min": 1})
-    top_p: Optional[float] = field(default=None, metadata={"help": "nucleus sampling: the smallest set of tokens "
-                                                                   "with this much probability (none: all)",
-                                                           "min": 1e-6, "max": 1.0})
-    max_new_tokens: int = field(default=48, metadata={"help": "stop an answer after this many tokens", "min": 1})
-    show_score: bool = field(default=False, metadata={"help": "print the gold labeler's score of each answer"})
-    seed: int = field(default=1337, metadata={"help": "random seed"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
-                                                         "fp32 or bf16 (autocast; weights stay fp32)",
-                                                 "choices": ["auto", "fp32", "bf16"]})
+    checkpoint: str = option("", "a base, SFT or PPO checkpoint (default: OUT_DIR/ppo.pt, else sft.pt, else base.pt)")
+    out_dir: str = option("out", "where to look for the default checkpoint")
+    data_dir: str = option("data", "where the tokenizer is")
+    prompt: str = option("", "answer this one prompt and exit (empty: a prompt> loop)")
+    n_samples: int = option(1, "answers per prompt", min=1, max=64)
+    temperature: float = option(1.0, "sampling temperature (0: greedy)", min=0.0)
+    top_k: Optional[int] = option(None, "sample from the k most likely tokens only (none: all)", min=1)
+    top_p: Optional[float] = option(None, "nucleus sampling: the smallest set of tokens with this much probability "
+                                          "(none: all)", min=1e-6, max=1.0)
+    max_new_tokens: int = option(48, "stop an answer after this many tokens", min=1)
+    show_score: bool = option(False, "print the gold labeler's score of each answer")
+    seed: int = option(1337, "random seed")
+    device: str = option("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
+    dtype: str = option("auto", "precision: auto (bf16 on a GPU that has it, else fp32), fp32 or bf16 (autocast; "
+                                "weights stay fp32)", choices=["auto", "fp32", "bf16"])
 
 
 QUIT_WORDS = {"quit", "exit", ":q"}

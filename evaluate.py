@@ -34,13 +34,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from minirlhf.checkpoint import atomic_write, load_policy
-from minirlhf.cli import UserError, format_duration, parse_config, print_config, run_main
+from minirlhf.cli import UserError, option, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, read_prompts
 from minirlhf.eval_report import json_safe, plot_bon, plot_overview, print_summary, write_report
 from minirlhf.evaluation import Answers, answer, best_of_n, gao_fits, ppo_trajectory, summarize_answers
+from minirlhf.metrics import format_duration
 from minirlhf.reward import load_reward_model
 from minirlhf.runtime import setup_runtime
 from minirlhf.stats import sqrt_kl, win_rate
@@ -49,36 +50,30 @@ from minirlhf.tokenizer import Tokenizer, render_chat
 
 @dataclass
 class EvalConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
-    data_dir: str = field(default="data", metadata={"help": "where the prompts and the tokenizer are"})
-    out_dir: str = field(default="out", metadata={"help": "where the checkpoints are and the report goes"})
-    checkpoints: list[str] = field(default_factory=list, metadata={
-        "help": "policy checkpoints to compare (default: base.pt, sft.pt, ppo.pt in OUT_DIR, those that exist)",
-        "metavar": "PATH"})
-    prompts: str = field(default="", metadata={"help": "prompts JSONL (default: DATA_DIR/eval_prompts.jsonl)"})
-    reference: str = field(default="", metadata={"help": "the SFT checkpoint KL is measured against "
-                                                         "(default: OUT_DIR/sft.pt)"})
-    reward_model: str = field(default="", metadata={"help": "reward model for RM scores and best-of-n "
-                                                            "(default: OUT_DIR/rm.pt if it exists; 'none': skip)"})
-    max_prompts: int = field(default=0, metadata={"help": "use the first N prompts (0: all)", "min": 0})
-    samples: int = field(default=4, metadata={"help": "samples per prompt and model at --temperature", "min": 1})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 1e-3})
-    max_new_tokens: int = field(default=48, metadata={"help": "response budget (as in training)", "min": 1})
-    bon_max_n: int = field(default=32, metadata={"help": "best-of-n for n = 1, 2, 4, ... up to this (0: skip)",
-                                                 "min": 0})
-    bon_prompts: int = field(default=32, metadata={"help": "prompts used for best-of-n, the expensive part "
-                                                           "(0: all)", "min": 0})
-    side_by_side: int = field(default=8, metadata={"help": "prompts shown answered side by side in eval.md",
-                                                   "min": 0})
-    batch_size: int = field(default=128, metadata={"help": "sequences sampled at once", "min": 1})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
-                                                         "fp32 or bf16 (autocast; weights stay fp32)",
-                                                 "choices": ["auto", "fp32", "bf16"]})
-    seed: int = field(default=1337, metadata={"help": "random seed (every model samples with the same seed)"})
-    kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
-                                                   "choices": ["auto", "reference"]})
-    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+    preset: str = option("tiny", "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small "
+                                 "shape, GPU)")
+    data_dir: str = option("data", "where the prompts and the tokenizer are")
+    out_dir: str = option("out", "where the checkpoints are and the report goes")
+    checkpoints: list[str] = option([], "policy checkpoints to compare (default: base.pt, sft.pt, ppo.pt in OUT_DIR, "
+                                        "those that exist)")
+    prompts: str = option("", "prompts JSONL (default: DATA_DIR/eval_prompts.jsonl)")
+    reference: str = option("", "the SFT checkpoint KL is measured against (default: OUT_DIR/sft.pt)")
+    reward_model: str = option("", "reward model for RM scores and best-of-n (default: OUT_DIR/rm.pt if it exists; "
+                                   "'none': skip)")
+    max_prompts: int = option(0, "use the first N prompts (0: all)", min=0)
+    samples: int = option(4, "samples per prompt and model at --temperature", min=1)
+    temperature: float = option(1.0, "sampling temperature", min=1e-3)
+    max_new_tokens: int = option(48, "response budget (as in training)", min=1)
+    bon_max_n: int = option(32, "best-of-n for n = 1, 2, 4, ... up to this (0: skip)", min=0)
+    bon_prompts: int = option(32, "prompts used for best-of-n, the expensive part (0: all)", min=0)
+    side_by_side: int = option(8, "prompts shown answered side by side in eval.md", min=0)
+    batch_size: int = option(128, "sequences sampled at once", min=1)
+    device: str = option("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
+    dtype: str = option("auto", "precision: auto (bf16 on a GPU that has it, else fp32), fp32 or bf16 (autocast; "
+                                "weights stay fp32)", choices=["auto", "fp32", "bf16"])
+    seed: int = option(1337, "random seed (every model samples with the same seed)")
+    kernels: str = option("auto", "logprob/GAE kernels: auto (fused) or reference", choices=["auto", "reference"])
+    debug: bool = option(False, "show tracebacks")
 
 
 PRESETS = {

@@ -35,9 +35,9 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from minirlhf.cli import UserError, parse_config, run_main
+from minirlhf.cli import UserError, option, parse_config, run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END, HINT = "# BEGIN SOLUTION", "# END SOLUTION", "# HINT:"
@@ -50,13 +50,11 @@ MARKER_FILE = ".minirlhf-student-copy"  # lets --force delete a previous student
 
 @dataclass
 class AssignmentConfig:
-    out: str = field(default="student", metadata={"help": "folder to write the student copy to"})
-    only: list[str] = field(default_factory=list, metadata={
-        "help": "blank only these functions (a name, Class.method, or a class for all its methods; "
-                "default: every solution region)", "metavar": "NAME"})
-    list_regions: bool = field(default=False, metadata={"help": "list the solution regions and the tests that "
-                                                                "grade each, then exit"})
-    force: bool = field(default=False, metadata={"help": "replace a previous student copy at --out"})
+    out: str = option("student", "folder to write the student copy to")
+    only: list[str] = option([], "blank only these functions (a name, Class.method, or a class for all its methods; "
+                                 "default: every solution region)")
+    list_regions: bool = option(False, "list the solution regions and the tests that grade each, then exit")
+    force: bool = option(False, "replace a previous student copy at --out")
 
 
 @dataclass

@@ -41,12 +41,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from minirlhf.checkpoint import load_checkpoint
-from minirlhf.cli import UserError, format_duration, parse_config, print_config, run_main
+from minirlhf.cli import UserError, option, parse_config, print_config, run_main
 from minirlhf.eval_report import print_summary  # the table evaluate.py prints, printed again at the end
+from minirlhf.metrics import format_duration
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,24 +94,20 @@ HEADLINES = {
 
 @dataclass
 class RunAllConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset passed to every stage: smoke (tests), "
-                                                          "tiny (CPU), medium (~26M, one GPU), small (GPU)"})
-    data_dir: str = field(default="data", metadata={"help": "where the data files go"})
-    out_dir: str = field(default="out", metadata={"help": "where the checkpoints, logs and plots go"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "precision of every stage: auto (bf16 on a GPU that has it, "
-                                                         "else fp32), fp32 or bf16", "choices": ["auto", "fp32", "bf16"]})
-    nproc_per_node: int = field(default=1, metadata={"help": "processes per training stage (>1: torchrun, data "
-                                                             "parallel; one per GPU on CUDA)", "min": 1})
-    seed: Optional[int] = field(default=None, metadata={"help": "random seed for every training stage "
-                                                                "(none: each stage's default)"})
-    force: bool = field(default=False, metadata={"help": "run every stage, even those whose output exists"})
-    from_stage: str = field(default="", metadata={"help": "run this stage and the later ones even if their output "
-                                                          "exists", "choices": ["", *STAGE_NAMES]})
-    until: str = field(default="eval", metadata={"help": "stop after this stage", "choices": STAGE_NAMES})
-    methods: str = field(default="ppo", metadata={"help": "the methods trained after the RM, comma-separated, "
-                                                          f"of {', '.join(METHOD_NAMES)}"})
-    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+    preset: str = option("tiny", "size preset passed to every stage: smoke (tests), tiny (CPU), medium (~26M, one GPU),"
+                                 " small (GPU)")
+    data_dir: str = option("data", "where the data files go")
+    out_dir: str = option("out", "where the checkpoints, logs and plots go")
+    device: str = option("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
+    dtype: str = option("auto", "precision of every stage: auto (bf16 on a GPU that has it, else fp32), fp32 or bf16",
+                         choices=["auto", "fp32", "bf16"])
+    nproc_per_node: int = option(1, "processes per training stage (>1: torchrun, data parallel; one per GPU on CUDA)", min=1)
+    seed: Optional[int] = option(None, "random seed for every training stage (none: each stage's default)")
+    force: bool = option(False, "run every stage, even those whose output exists")
+    from_stage: str = option("", "run this stage and the later ones even if their output exists", choices=["", *STAGE_NAMES])
+    until: str = option("eval", "stop after this stage", choices=STAGE_NAMES)
+    methods: str = option("ppo", f"the methods trained after the RM, comma-separated, of {', '.join(METHOD_NAMES)}")
+    debug: bool = option(False, "show tracebacks")
 
 
 PRESETS = {"smoke": {}, "tiny": {}, "medium": {}, "small": {}}  # the preset is passed on: each stage has its own

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from minirlhf.checkpoint import load_resume_checkpoint, save_checkpoint
-from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
+from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import random_windows, read_prompts, read_text
-from minirlhf.metrics import MetricsLogger, read_metrics
+from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.model import GPT, MODEL_PRESETS, GPTConfig
 from minirlhf.plots import plot_curves
 from minirlhf.runtime import setup_runtime
@@ -39,35 +39,22 @@ from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
 
 
 @dataclass
-class BaseConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
-    data_dir: str = field(default="data", metadata={"help": "where data/prepare.py wrote the corpus and tokenizer"})
-    out_dir: str = field(default="out", metadata={"help": "where base.pt and the logs go"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
-                                                         "fp32 or bf16 (autocast; weights stay fp32)",
-                                                 "choices": ["auto", "fp32", "bf16"]})
-    seed: int = field(default=1337, metadata={"help": "random seed"})
-    max_steps: int = field(default=360, metadata={"help": "optimizer steps", "min": 1})
-    batch_size: int = field(default=16, metadata={"help": "sequences per step", "min": 1})
-    seq_len: int = field(default=128, metadata={"help": "tokens per sequence", "min": 8})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)", "above": 0.0})
-    min_lr: float = field(default=2e-4, metadata={"help": "learning rate at the end of the cosine decay (<= --lr)",
-                                                  "min": 0.0})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps", "min": 0})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on 2-D weights", "min": 0.0})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
-    eval_every: int = field(default=100, metadata={"help": "held-out loss every N steps", "min": 1})
-    eval_batches: int = field(default=8, metadata={"help": "batches per held-out loss", "min": 1})
-    sample_every: int = field(default=200, metadata={"help": "print samples every N steps", "min": 1})
-    save_every: int = field(default=100, metadata={"help": "write base.pt every N steps (and at the end)", "min": 1})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/base.pt"})
-    n_layer: int = field(default=0, metadata={"help": "transformer blocks (0: the preset's)", "min": 0})
-    d_model: int = field(default=0, metadata={"help": "width (0: the preset's)", "min": 0})
-    n_head: int = field(default=0, metadata={"help": "attention heads (0: the preset's)", "min": 0})
-    kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
-                                                   "choices": ["auto", "reference"]})
-    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+class BaseConfig(StageConfig):
+    max_steps: int = option(360, "optimizer steps", min=1)
+    batch_size: int = option(16, "sequences per step", min=1)
+    seq_len: int = option(128, "tokens per sequence", min=8)
+    lr: float = option(2e-3, "peak learning rate (AdamW)", above=0.0)
+    min_lr: float = option(2e-4, "learning rate at the end of the cosine decay (<= --lr)", min=0.0)
+    warmup_steps: int = option(50, "linear warmup steps", min=0)
+    weight_decay: float = option(0.1, "AdamW weight decay on 2-D weights", min=0.0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
+    eval_every: int = option(100, "held-out loss every N steps", min=1)
+    eval_batches: int = option(8, "batches per held-out loss", min=1)
+    sample_every: int = option(200, "print samples every N steps", min=1)
+    save_every: int = option(100, "write base.pt every N steps (and at the end)", min=1)
+    n_layer: int = option(0, "transformer blocks (0: the preset's)", min=0)
+    d_model: int = option(0, "width (0: the preset's)", min=0)
+    n_head: int = option(0, "attention heads (0: the preset's)", min=0)
 
     def __post_init__(self):
         if self.min_lr > self.lr:

@@ -40,17 +40,17 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from minirlhf import labeling
 from minirlhf.checkpoint import load_policy, load_resume_checkpoint, save_checkpoint
-from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
+from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, pad_sequences, read_prompts
 from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.losses import DPO_LOSS_TYPES, dpo_loss
-from minirlhf.metrics import MetricsLogger, read_metrics
+from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.plots import plot_curves
 from minirlhf.reward import batch_share
 from minirlhf.runtime import setup_runtime
@@ -62,48 +62,29 @@ EVAL_BATCH_SIZE = 64     # PPO's tiny --batch-size: same prompts, seed and batch
 
 
 @dataclass
-class DPOConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
-    data_dir: str = field(default="data", metadata={"help": "where eval_prompts.jsonl and the tokenizer are"})
-    out_dir: str = field(default="out", metadata={"help": "where sft.pt and the comparisons are read, and dpo.pt "
-                                                          "and the logs go"})
-    init: str = field(default="", metadata={"help": "policy to start from, also the frozen reference "
-                                                    "(default: OUT_DIR/sft.pt)"})
-    comparisons: str = field(default="", metadata={"help": "preference JSONL, ranked or chosen/rejected (default: "
-                                                          "OUT_DIR/rm_comparisons.jsonl, written by train_rm.py)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
-                                                         "fp32 or bf16 (autocast; weights stay fp32)",
-                                                 "choices": ["auto", "fp32", "bf16"]})
-    seed: int = field(default=1337, metadata={"help": "random seed"})
-    beta: float = field(default=0.5, metadata={"help": "the KL coefficient the implicit reward beta*log(pi/pi_ref) "
-                                                      "assumes (small: the policy may move further)", "min": 1e-6})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo (IPO: squared distance to a "
-                                                                "margin of 1/(2 beta))",
-                                                        "choices": list(DPO_LOSS_TYPES)})
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO: the assumed chance that a label is flipped, "
-                                                                  "in [0, 0.5) (sigmoid loss only)", "min": 0.0})
-    epochs: int = field(default=1, metadata={"help": "passes over the preference pairs", "min": 1})
-    batch_size: int = field(default=32, metadata={"help": "preference pairs per step, over all processes", "min": 1})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (none: every pair, "
-                                                                  "--epochs times)", "min": 1})
-    lr: float = field(default=5e-5, metadata={"help": "peak learning rate (AdamW)", "above": 0.0})
-    min_lr: float = field(default=5e-6, metadata={"help": "learning rate at the end of the cosine decay (<= --lr)",
-                                                  "min": 0.0})
-    warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps", "min": 0})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on 2-D weights", "min": 0.0})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
-    eval_every: int = field(default=25, metadata={"help": "held-out gold evaluation every N steps (0: only at the "
-                                                         "start and the end)", "min": 0})
-    eval_prompts: int = field(default=48, metadata={"help": "held-out prompts per evaluation, evenly spaced in the "
-                                                           "file (0: none)", "min": 0})
-    eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt", "min": 1})
-    max_new_tokens: int = field(default=48, metadata={"help": "response budget of the held-out samples", "min": 1})
-    save_every: int = field(default=50, metadata={"help": "write dpo.pt every N steps (and at the end)", "min": 1})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/dpo.pt"})
-    kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
-                                                   "choices": ["auto", "reference"]})
-    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+class DPOConfig(StageConfig):
+    init: str = option("", "policy to start from, also the frozen reference (default: OUT_DIR/sft.pt)")
+    comparisons: str = option("", "preference JSONL, ranked or chosen/rejected (default: OUT_DIR/rm_comparisons.jsonl, "
+                                  "written by train_rm.py)")
+    beta: float = option(0.5, "the KL coefficient the implicit reward beta*log(pi/pi_ref) assumes (small: the policy "
+                              "may move further)", min=1e-6)
+    loss_type: str = option("sigmoid", "sigmoid (DPO) or ipo (IPO: squared distance to a margin of 1/(2 beta))",
+                            choices=list(DPO_LOSS_TYPES))
+    label_smoothing: float = option(0.0, "cDPO: the assumed chance that a label is flipped, in [0, 0.5) (sigmoid loss "
+                                         "only)", min=0.0)
+    epochs: int = option(1, "passes over the preference pairs", min=1)
+    batch_size: int = option(32, "preference pairs per step, over all processes", min=1)
+    max_steps: int | None = option(None, "stop after this many steps (none: every pair, --epochs times)", min=1)
+    lr: float = option(5e-5, "peak learning rate (AdamW)", above=0.0)
+    min_lr: float = option(5e-6, "learning rate at the end of the cosine decay (<= --lr)", min=0.0)
+    warmup_steps: int = option(5, "linear warmup steps", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay on 2-D weights", min=0.0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
+    eval_every: int = option(25, "held-out gold evaluation every N steps (0: only at the start and the end)", min=0)
+    eval_prompts: int = option(48, "held-out prompts per evaluation, evenly spaced in the file (0: none)", min=0)
+    eval_samples: int = option(2, "samples per held-out prompt", min=1)
+    max_new_tokens: int = option(48, "response budget of the held-out samples", min=1)
+    save_every: int = option(50, "write dpo.pt every N steps (and at the end)", min=1)
 
     def __post_init__(self):   # parse_config reports these as a bad flag: one line, exit 2
         if self.label_smoothing >= 0.5:

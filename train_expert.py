@@ -41,16 +41,16 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from minirlhf import labeling
 from minirlhf.checkpoint import load_policy, load_resume_checkpoint, save_checkpoint
-from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
+from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, read_prompts, sft_batch
 from minirlhf.evaluation import HeldOutEvaluation
-from minirlhf.metrics import MetricsLogger, read_metrics
+from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.plots import plot_curves
 from minirlhf.reward import load_reward_model
 from minirlhf.runtime import setup_runtime
@@ -62,40 +62,25 @@ EVAL_BATCH_SIZE = 64     # PPO's tiny --batch-size: the same prompts, seed and b
 
 
 @dataclass
-class ExpertConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
-    data_dir: str = field(default="data", metadata={"help": "where the prompts and the tokenizer are"})
-    out_dir: str = field(default="out", metadata={"help": "where sft.pt/rm.pt are read and expert.pt and logs go"})
-    init: str = field(default="", metadata={"help": "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)"})
-    reward_model: str = field(default="", metadata={"help": "reward model checkpoint (default: OUT_DIR/rm.pt)"})
-    prompts: str = field(default="", metadata={"help": "prompts to sample (default: DATA_DIR/ppo_prompts.jsonl)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
-                                                         "fp32 or bf16 (autocast; weights stay fp32)",
-                                                 "choices": ["auto", "fp32", "bf16"]})
-    seed: int = field(default=1337, metadata={"help": "random seed"})
-    rounds: int = field(default=2, metadata={"help": "sample -> select -> distil rounds, each from the policy so far",
-                                             "min": 1})
-    prompts_per_round: int = field(default=512, metadata={"help": "prompts sampled per round", "min": 1})
-    n: int = field(default=4, metadata={"help": "samples per prompt; the RM keeps the best one", "min": 2})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.05})
-    max_new_tokens: int = field(default=48, metadata={"help": "response budget in tokens", "min": 1})
-    sample_batch_size: int = field(default=256, metadata={"help": "sequences sampled at once", "min": 1})
-    epochs: int = field(default=2, metadata={"help": "passes over each round's chosen responses", "min": 1})
-    batch_size: int = field(default=32, metadata={"help": "examples per step, over all processes", "min": 1})
-    lr: float = field(default=5e-5, metadata={"help": "peak learning rate of each round (AdamW)", "above": 0.0})
-    min_lr: float = field(default=5e-6, metadata={"help": "learning rate at the end of each round's cosine decay "
-                                                          "(<= --lr)", "min": 0.0})
-    warmup_steps: int = field(default=3, metadata={"help": "linear warmup steps of each round", "min": 0})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
-    eval_prompts: int = field(default=48, metadata={"help": "held-out prompts per evaluation, evenly spaced in the "
-                                                           "file (0: none)", "min": 0})
-    eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt", "min": 1})
-    save_every: int = field(default=20, metadata={"help": "write expert.pt every N steps (and at the end)", "min": 1})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/expert.pt"})
-    kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
-                                                   "choices": ["auto", "reference"]})
-    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+class ExpertConfig(StageConfig):
+    init: str = option("", "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)")
+    reward_model: str = option("", "reward model checkpoint (default: OUT_DIR/rm.pt)")
+    prompts: str = option("", "prompts to sample (default: DATA_DIR/ppo_prompts.jsonl)")
+    rounds: int = option(2, "sample -> select -> distil rounds, each from the policy so far", min=1)
+    prompts_per_round: int = option(512, "prompts sampled per round", min=1)
+    n: int = option(4, "samples per prompt; the RM keeps the best one", min=2)
+    temperature: float = option(1.0, "sampling temperature", min=0.05)
+    max_new_tokens: int = option(48, "response budget in tokens", min=1)
+    sample_batch_size: int = option(256, "sequences sampled at once", min=1)
+    epochs: int = option(2, "passes over each round's chosen responses", min=1)
+    batch_size: int = option(32, "examples per step, over all processes", min=1)
+    lr: float = option(5e-5, "peak learning rate of each round (AdamW)", above=0.0)
+    min_lr: float = option(5e-6, "learning rate at the end of each round's cosine decay (<= --lr)", min=0.0)
+    warmup_steps: int = option(3, "linear warmup steps of each round", min=0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
+    eval_prompts: int = option(48, "held-out prompts per evaluation, evenly spaced in the file (0: none)", min=0)
+    eval_samples: int = option(2, "samples per held-out prompt", min=1)
+    save_every: int = option(20, "write expert.pt every N steps (and at the end)", min=1)
 
     def __post_init__(self):   # parse_config reports it as a bad flag: one line, exit 2
         if self.min_lr > self.lr:

@@ -89,17 +89,17 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from minirlhf.checkpoint import load_policy
-from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
+from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, read_prompts
 from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.losses import (FixedKLController, grpo_advantages, kl_penalty, masked_mean, ppo_policy_loss,
                              rloo_advantages)
-from minirlhf.metrics import MetricsLogger, read_metrics
+from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.plots import plot_curves
 from minirlhf.ppo import (Rollout, draw_prompts, fit_gold_normaliser, mean_over_minibatches, means_over_ranks,
                           minibatch_orders, minibatch_stats, optimizer_step, policy_logprobs, resume_run,
@@ -113,56 +113,36 @@ ADVANTAGES = ("grpo", "drgrpo", "rloo")
 
 
 @dataclass
-class GRPOConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
-    data_dir: str = field(default="data", metadata={"help": "where the prompts and the tokenizer are"})
-    out_dir: str = field(default="out", metadata={"help": "where sft.pt/rm.pt are read and grpo.pt/rloo.pt and logs go"})
-    init: str = field(default="", metadata={"help": "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)"})
-    reward_model: str = field(default="", metadata={"help": "reward model checkpoint (default: OUT_DIR/rm.pt)"})
-    prompts: str = field(default="", metadata={"help": "RL prompts JSONL (default: DATA_DIR/ppo_prompts.jsonl)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
-                                                         "fp32 or bf16 (autocast; weights stay fp32)",
-                                                 "choices": ["auto", "fp32", "bf16"]})
-    seed: int = field(default=1337, metadata={"help": "random seed"})
-    advantage: str = field(default="grpo", metadata={"help": "the group baseline: grpo ((s - mean) / std), drgrpo "
-                                                            "(s - mean) or rloo (s - mean of the others; writes rloo.pt)",
-                                                    "choices": list(ADVANTAGES)})
-    reward: str = field(default="rm", metadata={"help": "what is maximised: rm (the learned reward model) or gold "
-                                                       "(the gold labeler itself: the upper bound)", "choices": ["rm", "gold"]})
-    total_updates: int = field(default=48, metadata={"help": "updates (one batch of groups each)", "min": 1})
-    batch_size: int = field(default=16, metadata={"help": "prompts per update (all processes together)", "min": 1})
-    group_size: int = field(default=4, metadata={"help": "k: responses sampled per prompt (the group)", "min": 2})
-    num_minibatches: int = field(default=4, metadata={"help": "minibatches per epoch (of responses)", "min": 1})
-    ppo_epochs: int = field(default=2, metadata={"help": "passes over each batch", "min": 1})
-    lr: float = field(default=1e-4, metadata={"help": "policy learning rate (AdamW)", "above": 0.0})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "the learning rate decays (cosine) to this fraction",
-                                                       "min": 0.0, "max": 1.0})
-    warmup_updates: int = field(default=2, metadata={"help": "linear learning-rate warmup, in updates", "min": 0})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
-    clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon", "min": 0.0})
-    kl_mode: str = field(default="reward", metadata={"help": "where the KL to the SFT model goes: loss (beta * k3 per "
-                                                          "token in the loss, GRPO) or reward (score - beta * summed "
-                                                          "k1, before the group baseline)", "choices": ["loss", "reward"]})
-    kl_coef: float = field(default=0.2, metadata={"help": "KL coefficient beta (fixed)", "min": 0.0})
-    eps: float = field(default=1e-4, metadata={"help": "added to the group std (--advantage grpo)", "min": 0.0})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (logprobs use it too)", "min": 0.05})
-    max_new_tokens: int = field(default=48, metadata={"help": "response budget in tokens", "min": 1})
-    missing_eos_penalty: float = field(default=-1.0, metadata={"help": "score of a response with no EOS "
-                                                                      "(normalised RM units)"})
-    eval_every: int = field(default=16, metadata={"help": "held-out evaluation every N updates (0: only at the "
-                                                         "start and the end)", "min": 0})
-    eval_prompts: int = field(default=48, metadata={"help": "held-out prompts per evaluation, evenly spaced in the "
-                                                           "file (0: none)", "min": 0})
-    eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt", "min": 1})
-    sample_every: int = field(default=10, metadata={"help": "print one group every N updates", "min": 1})
-    save_every: int = field(default=20, metadata={"help": "write grpo.pt/rloo.pt every N updates (and at the end)",
-                                                  "min": 1})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/grpo.pt "
-                                                         "(rloo.pt with --advantage rloo)"})
-    kernels: str = field(default="auto", metadata={"help": "logprob kernels: auto (fused) or reference",
-                                                   "choices": ["auto", "reference"]})
-    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+class GRPOConfig(StageConfig):
+    init: str = option("", "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)")
+    reward_model: str = option("", "reward model checkpoint (default: OUT_DIR/rm.pt)")
+    prompts: str = option("", "RL prompts JSONL (default: DATA_DIR/ppo_prompts.jsonl)")
+    advantage: str = option("grpo", "the group baseline: grpo ((s - mean) / std), drgrpo (s - mean) or rloo (s - mean "
+                                    "of the others; writes rloo.pt)", choices=list(ADVANTAGES))
+    reward: str = option("rm", "what is maximised: rm (the learned reward model) or gold (the gold labeler itself: the "
+                               "upper bound)", choices=["rm", "gold"])
+    total_updates: int = option(48, "updates (one batch of groups each)", min=1)
+    batch_size: int = option(16, "prompts per update (all processes together)", min=1)
+    group_size: int = option(4, "k: responses sampled per prompt (the group)", min=2)
+    num_minibatches: int = option(4, "minibatches per epoch (of responses)", min=1)
+    ppo_epochs: int = option(2, "passes over each batch", min=1)
+    lr: float = option(1e-4, "policy learning rate (AdamW)", above=0.0)
+    min_lr_ratio: float = option(0.1, "the learning rate decays (cosine) to this fraction", min=0.0, max=1.0)
+    warmup_updates: int = option(2, "linear learning-rate warmup, in updates", min=0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
+    clip_range: float = option(0.2, "PPO ratio clip epsilon", min=0.0)
+    kl_mode: str = option("reward", "where the KL to the SFT model goes: loss (beta * k3 per token in the loss, GRPO) "
+                                    "or reward (score - beta * summed k1, before the group baseline)", choices=["loss", "reward"])
+    kl_coef: float = option(0.2, "KL coefficient beta (fixed)", min=0.0)
+    eps: float = option(1e-4, "added to the group std (--advantage grpo)", min=0.0)
+    temperature: float = option(1.0, "sampling temperature (logprobs use it too)", min=0.05)
+    max_new_tokens: int = option(48, "response budget in tokens", min=1)
+    missing_eos_penalty: float = option(-1.0, "score of a response with no EOS (normalised RM units)")
+    eval_every: int = option(16, "held-out evaluation every N updates (0: only at the start and the end)", min=0)
+    eval_prompts: int = option(48, "held-out prompts per evaluation, evenly spaced in the file (0: none)", min=0)
+    eval_samples: int = option(2, "samples per held-out prompt", min=1)
+    sample_every: int = option(10, "print one group every N updates", min=1)
+    save_every: int = option(20, "write grpo.pt/rloo.pt every N updates (and at the end)", min=1)
 
 
 PRESETS = {

@@ -39,18 +39,18 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from minirlhf.checkpoint import load_policy
-from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
+from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, random_windows, read_prompts, read_text
 from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.kernels import gae
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, kl_shaped_rewards, masked_whiten,
                              ppo_policy_loss, ppo_value_loss)
-from minirlhf.metrics import MetricsLogger, read_metrics
+from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.plots import plot_curves, plot_overoptimisation
 from minirlhf.ppo import (Rollout, critic_from_policy, critic_from_reward_model, critic_values, draw_prompts,
                           fit_gold_normaliser, mean_over_minibatches, minibatch_orders, minibatch_stats,
@@ -63,64 +63,44 @@ from minirlhf.training import cosine_lr, lm_loss, sample_responses
 
 
 @dataclass
-class PPOConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
-    data_dir: str = field(default="data", metadata={"help": "where the prompts and the tokenizer are"})
-    out_dir: str = field(default="out", metadata={"help": "where sft.pt/rm.pt are read and ppo.pt and logs go"})
-    init: str = field(default="", metadata={"help": "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)"})
-    reward_model: str = field(default="", metadata={"help": "reward model checkpoint (default: OUT_DIR/rm.pt)"})
-    prompts: str = field(default="", metadata={"help": "RL prompts JSONL (default: DATA_DIR/ppo_prompts.jsonl)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
-                                                         "fp32 or bf16 (autocast; weights stay fp32)",
-                                                 "choices": ["auto", "fp32", "bf16"]})
-    seed: int = field(default=1337, metadata={"help": "random seed"})
-    reward: str = field(default="rm", metadata={"help": "what PPO maximises: rm (the learned reward model) or gold "
-                                                       "(the gold labeler itself: the upper bound)", "choices": ["rm", "gold"]})
-    total_updates: int = field(default=48, metadata={"help": "PPO updates (one rollout batch each)", "min": 1})
-    batch_size: int = field(default=64, metadata={"help": "prompts (one response each) per rollout", "min": 1})
-    num_minibatches: int = field(default=4, metadata={"help": "minibatches per PPO epoch", "min": 1})
-    ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch", "min": 1})
-    lr: float = field(default=1e-4, metadata={"help": "policy learning rate (AdamW)", "above": 0.0})
-    value_lr: float = field(default=2e-4, metadata={"help": "critic learning rate (AdamW)", "min": 0.0})
-    critic_freeze_layers: int = field(default=2, metadata={"help": "freeze the critic's embeddings and lowest N blocks "
-                                                                   "(a cheaper backward pass; 0: train all)", "min": 0})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "both learning rates decay (cosine) to this fraction",
-                                                       "min": 0.0, "max": 1.0})
-    warmup_updates: int = field(default=2, metadata={"help": "linear learning-rate warmup, in updates", "min": 0})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip each model's gradient norm to this (0: off)", "min": 0.0})
-    clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon", "min": 0.0})
-    clip_range_value: float = field(default=0.2, metadata={"help": "value clip: how far a value may move from its "
-                                                                  "rollout-time prediction", "min": 0.0})
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount", "min": 0.0, "max": 1.0})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda", "min": 0.0, "max": 1.0})
-    kl_coef: float = field(default=0.2, metadata={"help": "KL penalty beta (the start value when adaptive)", "min": 0.0})
-    adaptive_kl: bool = field(default=True, metadata={"help": "adapt beta towards --kl-target (Ziegler et al. 2019)"})
-    kl_target: float = field(default=1.0, metadata={"help": "target KL to the reference, nats per response", "min": 1e-6})
-    kl_horizon: float = field(default=1000.0, metadata={"help": "adaptive controller horizon, in samples", "min": 1.0})
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator in the reward",
-                                                      "choices": ["k1", "k2", "k3"]})
-    target_kl: float = field(default=0.0, metadata={"help": "stop an update early when a minibatch's approximate "
-                                                           "KL exceeds this (0: off)", "min": 0.0})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (logprobs use it too)", "min": 0.05})
-    max_new_tokens: int = field(default=48, metadata={"help": "response budget in tokens", "min": 1})
-    missing_eos_penalty: float = field(default=-1.0, metadata={"help": "score of a response with no EOS "
-                                                                      "(normalised RM units)"})
-    ptx_coef: float = field(default=0.0, metadata={"help": "weight of the pretraining LM loss (InstructGPT's "
-                                                          "PPO-ptx); 0: off", "min": 0.0})
-    ptx_batch_size: int = field(default=8, metadata={"help": "pretraining windows per minibatch (PPO-ptx)", "min": 1})
-    ptx_seq_len: int = field(default=64, metadata={"help": "pretraining window length (PPO-ptx)", "min": 2})
-    eval_every: int = field(default=16, metadata={"help": "held-out evaluation every N updates (0: only at the "
-                                                         "start and the end)", "min": 0})
-    eval_prompts: int = field(default=48, metadata={"help": "held-out prompts per evaluation, evenly spaced in the "
-                                                           "file (0: none)", "min": 0})
-    eval_samples: int = field(default=2, metadata={"help": "samples per held-out prompt", "min": 1})
-    sample_every: int = field(default=10, metadata={"help": "print a few samples every N updates", "min": 1})
-    save_every: int = field(default=20, metadata={"help": "write ppo.pt every N updates (and at the end)", "min": 1})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT_DIR/ppo.pt"})
-    kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
-                                                   "choices": ["auto", "reference"]})
-    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+class PPOConfig(StageConfig):
+    init: str = option("", "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)")
+    reward_model: str = option("", "reward model checkpoint (default: OUT_DIR/rm.pt)")
+    prompts: str = option("", "RL prompts JSONL (default: DATA_DIR/ppo_prompts.jsonl)")
+    reward: str = option("rm", "what PPO maximises: rm (the learned reward model) or gold (the gold labeler itself: the"
+                               " upper bound)", choices=["rm", "gold"])
+    total_updates: int = option(48, "PPO updates (one rollout batch each)", min=1)
+    batch_size: int = option(64, "prompts (one response each) per rollout", min=1)
+    num_minibatches: int = option(4, "minibatches per PPO epoch", min=1)
+    ppo_epochs: int = option(2, "passes over each rollout batch", min=1)
+    lr: float = option(1e-4, "policy learning rate (AdamW)", above=0.0)
+    value_lr: float = option(2e-4, "critic learning rate (AdamW)", min=0.0)
+    critic_freeze_layers: int = option(2, "freeze the critic's embeddings and lowest N blocks (a cheaper backward pass;"
+                                          " 0: train all)", min=0)
+    min_lr_ratio: float = option(0.1, "both learning rates decay (cosine) to this fraction", min=0.0, max=1.0)
+    warmup_updates: int = option(2, "linear learning-rate warmup, in updates", min=0)
+    grad_clip: float = option(1.0, "clip each model's gradient norm to this (0: off)", min=0.0)
+    clip_range: float = option(0.2, "PPO ratio clip epsilon", min=0.0)
+    clip_range_value: float = option(0.2, "value clip: how far a value may move from its rollout-time prediction", min=0.0)
+    gamma: float = option(1.0, "GAE discount", min=0.0, max=1.0)
+    lam: float = option(0.95, "GAE lambda", min=0.0, max=1.0)
+    kl_coef: float = option(0.2, "KL penalty beta (the start value when adaptive)", min=0.0)
+    adaptive_kl: bool = option(True, "adapt beta towards --kl-target (Ziegler et al. 2019)")
+    kl_target: float = option(1.0, "target KL to the reference, nats per response", min=1e-6)
+    kl_horizon: float = option(1000.0, "adaptive controller horizon, in samples", min=1.0)
+    kl_estimator: str = option("k1", "per-token KL estimator in the reward", choices=["k1", "k2", "k3"])
+    target_kl: float = option(0.0, "stop an update early when a minibatch's approximate KL exceeds this (0: off)", min=0.0)
+    temperature: float = option(1.0, "sampling temperature (logprobs use it too)", min=0.05)
+    max_new_tokens: int = option(48, "response budget in tokens", min=1)
+    missing_eos_penalty: float = option(-1.0, "score of a response with no EOS (normalised RM units)")
+    ptx_coef: float = option(0.0, "weight of the pretraining LM loss (InstructGPT's PPO-ptx); 0: off", min=0.0)
+    ptx_batch_size: int = option(8, "pretraining windows per minibatch (PPO-ptx)", min=1)
+    ptx_seq_len: int = option(64, "pretraining window length (PPO-ptx)", min=2)
+    eval_every: int = option(16, "held-out evaluation every N updates (0: only at the start and the end)", min=0)
+    eval_prompts: int = option(48, "held-out prompts per evaluation, evenly spaced in the file (0: none)", min=0)
+    eval_samples: int = option(2, "samples per held-out prompt", min=1)
+    sample_every: int = option(10, "print a few samples every N updates", min=1)
+    save_every: int = option(20, "write ppo.pt every N updates (and at the end)", min=1)
 
 
 PRESETS = {

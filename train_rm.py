@@ -47,15 +47,15 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from minirlhf import labeling, world
 from minirlhf.checkpoint import load_checkpoint, load_resume_checkpoint, save_checkpoint
-from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
+from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import read_prompts
-from minirlhf.metrics import MetricsLogger, read_metrics
+from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.plots import plot_curves, plot_scatter
 from minirlhf.reward import (RewardScorer, batch_share, comparison_loss, encode_ranked, fit_normalisation,
@@ -66,58 +66,34 @@ from minirlhf.runtime import setup_runtime
 
 
 @dataclass
-class RMConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
-    data_dir: str = field(default="data", metadata={"help": "where rm_prompts.jsonl and the tokenizer are"})
-    out_dir: str = field(default="out", metadata={"help": "where rm.pt, the comparisons and the logs go"})
-    init: str = field(default="", metadata={"help": "SFT checkpoint: the sampler and the RM's trunk (empty: OUT_DIR/sft.pt)"})
-    prompts: str = field(default="", metadata={"help": "prompts to sample and rank (empty: DATA_DIR/rm_prompts.jsonl)"})
-    comparisons: str = field(default="", metadata={"help": "train on this comparisons JSONL instead of sampling and ranking"})
-    labeler: str = field(default="gold", metadata={"help": "who ranks the samples: the gold rubric or you, in the terminal",
-                                                   "choices": ["gold", "human"]})
-    label_noise: float = field(default=0.0, metadata={"help": "gold labeler noise (Plackett-Luce temperature; 0: exact)",
-                                                      "min": 0.0})
-    num_comparisons: int = field(default=1200, metadata={"help": "prompts to rank (drawn from the prompt file, each used "
-                                                                 "about equally often), held-out ones included; with "
-                                                                 "--labeler human pick a few dozen", "min": 2})
-    responses_per_prompt: int = field(default=4, metadata={"help": "K: responses ranked together (InstructGPT: 4 to 9)",
-                                                           "min": 2})
-    degenerate_fraction: float = field(default=0.5, metadata={"help": "share of prompts that get one extra degenerate "
-                                                                       "response to rank (empty, cut, repeated, rambling, "
-                                                                       "another question's answer)",
-                                                               "min": 0.0, "max": 1.0})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the SFT policy", "min": 0.0})
-    max_new_tokens: int = field(default=48, metadata={"help": "response budget when sampling", "min": 1})
-    sample_batch_size: int = field(default=256, metadata={"help": "sequences sampled at once", "min": 1})
-    val_fraction: float = field(default=0.1, metadata={"help": "share of prompts (per family) whose comparisons are held out",
-                                                       "min": 0.0, "max": 0.5})
-    rm_objective: str = field(default="ranking", metadata={"help": "ranking: InstructGPT's K-wise loss; classifier: "
-                                                                   "best -> good, worst -> bad, cross-entropy",
-                                                           "choices": ["ranking", "classifier"]})
-    freeze_layers: int = field(default=0, metadata={"help": "freeze the embeddings and the lowest N transformer blocks "
-                                                            "(0: train everything)", "min": 0})
-    epochs: int = field(default=1, metadata={"help": "passes over the comparisons (InstructGPT: 1; more overfits)", "min": 1})
-    batch_size: int = field(default=16, metadata={"help": "comparisons (prompts) per step, over all processes",
-                                                  "min": 1})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)", "above": 0.0})
-    min_lr: float = field(default=1e-5, metadata={"help": "learning rate at the end of the cosine decay (<= --lr)",
-                                                  "min": 0.0})
-    warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps", "min": 0})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on 2-D weights", "min": 0.0})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
-    eval_every: int = field(default=10, metadata={"help": "held-out loss and accuracy every N steps", "min": 1})
-    norm_samples: int = field(default=256, metadata={"help": "SFT samples that fit the normalisation when training "
-                                                             "on a --comparisons file", "min": 2})
-    save_every: int = field(default=20, metadata={"help": "write rm.pt every N training steps (and at the end)",
-                                                  "min": 1})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/rm.pt and "
-                                                          "OUT_DIR/rm_comparisons.jsonl"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
-                                                         "fp32 or bf16 (autocast; weights stay fp32)",
-                                                 "choices": ["auto", "fp32", "bf16"]})
-    seed: int = field(default=1337, metadata={"help": "random seed"})
-    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+class RMConfig(StageConfig):
+    init: str = option("", "SFT checkpoint: the sampler and the RM's trunk (empty: OUT_DIR/sft.pt)")
+    prompts: str = option("", "prompts to sample and rank (empty: DATA_DIR/rm_prompts.jsonl)")
+    comparisons: str = option("", "train on this comparisons JSONL instead of sampling and ranking")
+    labeler: str = option("gold", "who ranks the samples: the gold rubric or you, in the terminal", choices=["gold", "human"])
+    label_noise: float = option(0.0, "gold labeler noise (Plackett-Luce temperature; 0: exact)", min=0.0)
+    num_comparisons: int = option(1200, "prompts to rank (drawn from the prompt file, each used about equally often), "
+                                        "held-out ones included; with --labeler human pick a few dozen", min=2)
+    responses_per_prompt: int = option(4, "K: responses ranked together (InstructGPT: 4 to 9)", min=2)
+    degenerate_fraction: float = option(0.5, "share of prompts that get one extra degenerate response to rank (empty, "
+                                             "cut, repeated, rambling, another question's answer)", min=0.0, max=1.0)
+    temperature: float = option(1.0, "sampling temperature of the SFT policy", min=0.0)
+    max_new_tokens: int = option(48, "response budget when sampling", min=1)
+    sample_batch_size: int = option(256, "sequences sampled at once", min=1)
+    val_fraction: float = option(0.1, "share of prompts (per family) whose comparisons are held out", min=0.0, max=0.5)
+    rm_objective: str = option("ranking", "ranking: InstructGPT's K-wise loss; classifier: best -> good, worst -> bad, "
+                                          "cross-entropy", choices=["ranking", "classifier"])
+    freeze_layers: int = option(0, "freeze the embeddings and the lowest N transformer blocks (0: train everything)", min=0)
+    epochs: int = option(1, "passes over the comparisons (InstructGPT: 1; more overfits)", min=1)
+    batch_size: int = option(16, "comparisons (prompts) per step, over all processes", min=1)
+    lr: float = option(3e-4, "peak learning rate (AdamW)", above=0.0)
+    min_lr: float = option(1e-5, "learning rate at the end of the cosine decay (<= --lr)", min=0.0)
+    warmup_steps: int = option(5, "linear warmup steps", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay on 2-D weights", min=0.0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
+    eval_every: int = option(10, "held-out loss and accuracy every N steps", min=1)
+    norm_samples: int = option(256, "SFT samples that fit the normalisation when training on a --comparisons file", min=2)
+    save_every: int = option(20, "write rm.pt every N training steps (and at the end)", min=1)
 
     def __post_init__(self):
         if self.min_lr > self.lr:

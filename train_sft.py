@@ -25,15 +25,15 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from minirlhf.checkpoint import load_policy, load_resume_checkpoint, save_checkpoint
-from minirlhf.cli import Progress, UserError, make_out_dir, parse_config, print_config, run_main
+from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import read_prompts, read_sft, sft_batch
 from minirlhf.evaluation import gold_report
-from minirlhf.metrics import MetricsLogger, read_metrics
+from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.plots import plot_curves
 from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
@@ -41,36 +41,21 @@ from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
 
 
 @dataclass
-class SFTConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset: smoke (tests), tiny (CPU), medium (~26M, one GPU), small (GPT-2 small shape, GPU)"})
-    data_dir: str = field(default="data", metadata={"help": "where sft.jsonl and the tokenizer are"})
-    out_dir: str = field(default="out", metadata={"help": "where sft.pt and the logs go"})
-    init: str = field(default="", metadata={"help": "checkpoint to start from (default: OUT_DIR/base.pt)"})
-    demos: str = field(default="", metadata={"help": "demonstrations JSONL (default: DATA_DIR/sft.jsonl)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "precision: auto (bf16 on a GPU that has it, else fp32), "
-                                                         "fp32 or bf16 (autocast; weights stay fp32)",
-                                                 "choices": ["auto", "fp32", "bf16"]})
-    seed: int = field(default=1337, metadata={"help": "random seed"})
-    epochs: int = field(default=4, metadata={"help": "passes over the demonstrations", "min": 1})
-    batch_size: int = field(default=32, metadata={"help": "demonstrations per step", "min": 1})
-    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)", "above": 0.0})
-    min_lr: float = field(default=3e-5, metadata={"help": "learning rate at the end of the cosine decay (<= --lr)",
-                                                  "min": 0.0})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps", "min": 0})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on 2-D weights", "min": 0.0})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)", "min": 0.0})
-    val_fraction: float = field(default=0.1, metadata={"help": "share of demonstrations held out for the val loss",
-                                                       "min": 0.0, "max": 0.5})
-    eval_every: int = field(default=10, metadata={"help": "held-out loss every N steps", "min": 1})
-    max_new_tokens: int = field(default=48, metadata={"help": "response budget when sampling", "min": 1})
-    report_prompts: int = field(default=111, metadata={"help": "held-out prompts sampled at the end for the "
-                                                             "gold-labeler summary (0: skip)", "min": 0})
-    save_every: int = field(default=50, metadata={"help": "write sft.pt every N steps (and at the end)", "min": 1})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT_DIR/sft.pt"})
-    kernels: str = field(default="auto", metadata={"help": "logprob/GAE kernels: auto (fused) or reference",
-                                                   "choices": ["auto", "reference"]})
-    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+class SFTConfig(StageConfig):
+    init: str = option("", "checkpoint to start from (default: OUT_DIR/base.pt)")
+    demos: str = option("", "demonstrations JSONL (default: DATA_DIR/sft.jsonl)")
+    epochs: int = option(4, "passes over the demonstrations", min=1)
+    batch_size: int = option(32, "demonstrations per step", min=1)
+    lr: float = option(5e-4, "peak learning rate (AdamW)", above=0.0)
+    min_lr: float = option(3e-5, "learning rate at the end of the cosine decay (<= --lr)", min=0.0)
+    warmup_steps: int = option(10, "linear warmup steps", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay on 2-D weights", min=0.0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
+    val_fraction: float = option(0.1, "share of demonstrations held out for the val loss", min=0.0, max=0.5)
+    eval_every: int = option(10, "held-out loss every N steps", min=1)
+    max_new_tokens: int = option(48, "response budget when sampling", min=1)
+    report_prompts: int = option(111, "held-out prompts sampled at the end for the gold-labeler summary (0: skip)", min=0)
+    save_every: int = option(50, "write sft.pt every N steps (and at the end)", min=1)
 
     def __post_init__(self):
         if self.min_lr > self.lr:

@@ -23,28 +23,25 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minirlhf import world  # noqa: E402
-from minirlhf.cli import parse_config, print_config, run_main  # noqa: E402
+from minirlhf.cli import option, parse_config, print_config, run_main  # noqa: E402
 from minirlhf.data import write_jsonl  # noqa: E402
 from minirlhf.tokenizer import SPECIAL_TOKENS, Tokenizer, chat_text, save_ranks, train_bpe  # noqa: E402
 
 
 @dataclass
 class PrepareConfig:
-    preset: str = field(default="tiny", metadata={"help": "size preset"})
-    data_dir: str = field(default="data", metadata={"help": "where the data files go"})
-    seed: int = field(default=1337, metadata={"help": "seed of the world's generator"})
-    corpus_docs: int = field(default=60000, metadata={"help": "documents in the pretraining corpus", "min": 10})
-    chat_fraction: float = field(default=0.5, metadata={"help": "share of corpus documents that are chats",
-                                                        "min": 0.0, "max": 1.0})
-    sft_examples: int = field(default=1200, metadata={"help": "SFT demonstrations (labelers' time is expensive)",
-                                                      "min": 1})
-    vocab_size: int = field(default=768, metadata={"help": "BPE vocabulary (bytes + merges, specials extra)",
-                                                    "min": 257})
+    preset: str = option("tiny", "size preset")
+    data_dir: str = option("data", "where the data files go")
+    seed: int = option(1337, "seed of the world's generator")
+    corpus_docs: int = option(60000, "documents in the pretraining corpus", min=10)
+    chat_fraction: float = option(0.5, "share of corpus documents that are chats", min=0.0, max=1.0)
+    sft_examples: int = option(1200, "SFT demonstrations (labelers' time is expensive)", min=1)
+    vocab_size: int = option(768, "BPE vocabulary (bytes + merges, specials extra)", min=257)
 
 
 PRESETS = {

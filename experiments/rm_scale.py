@@ -64,7 +64,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import matplotlib
 import numpy as np
@@ -77,10 +77,10 @@ sys.path.insert(0, ROOT)
 
 from minirlhf import labeler  # noqa: E402
 from minirlhf.checkpoint import atomic_write, load_checkpoint, load_policy  # noqa: E402
-from minirlhf.cli import UserError, format_duration, parse_config, print_config, run_main  # noqa: E402
+from minirlhf.cli import UserError, option, parse_config, print_config, run_main  # noqa: E402
 from minirlhf.data import evenly_spaced, read_prompts  # noqa: E402
 from minirlhf.labeling import RankedComparison  # noqa: E402
-from minirlhf.metrics import read_metrics  # noqa: E402
+from minirlhf.metrics import format_duration, read_metrics  # noqa: E402
 from minirlhf.plots import save_figure  # noqa: E402
 from minirlhf.reward import gold_agreement, load_reward_model  # noqa: E402
 from minirlhf.runtime import setup_runtime  # noqa: E402
@@ -92,37 +92,27 @@ from minirlhf.training import sample_responses  # noqa: E402
 
 @dataclass
 class RMScaleConfig:
-    preset: str = field(default="cpu", metadata={"help": "ladder: smoke (tests), cpu (three sizes around the tiny "
-                                                         "3.4M), gpu (3.4M to 86M)"})
-    sizes: list[str] = field(default_factory=list, metadata={"help": "the rungs, LAYERSxWIDTHxHEADS each, smallest "
-                                                                     "first", "metavar": "LxDxH"})
-    stage_preset: str = field(default="tiny", metadata={"help": "preset every stage script gets (training recipe, "
-                                                                "block size)",
-                                                        "choices": ["smoke", "tiny", "medium", "small"]})
-    run_dir: str = field(default="out", metadata={"help": "the normal run: its sft.pt (the policy), "
-                                                          "rm_comparisons.jsonl and base.pt"})
-    data_dir: str = field(default="data", metadata={"help": "the data folder (corpus, prompts, tokenizer)"})
-    out_dir: str = field(default="out/rm_scale", metadata={"help": "one folder per size goes here, and the report"})
-    base_steps: int = field(default=0, metadata={"help": "pretraining steps of every base (0: the stage preset's)",
-                                                 "min": 0})
-    bon_prompts: int = field(default=32, metadata={"help": "held-out prompts for best-of-n, evenly spaced (0: all)",
-                                                   "min": 0})
-    bon_max_n: int = field(default=32, metadata={"help": "SFT samples per prompt, the largest n (a power of 2)",
-                                                 "min": 2})
-    max_new_tokens: int = field(default=48, metadata={"help": "response budget of the shared samples", "min": 1})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the shared samples",
-                                                      "min": 1e-3})
-    with_ppo: bool = field(default=False, metadata={"help": "also run PPO against each RM (the RL fit)"})
-    ppo_updates: int = field(default=0, metadata={"help": "PPO updates per size (0: the stage preset's)", "min": 0})
-    ppo_kl_coef: float = field(default=0.1, metadata={"help": "PPO's fixed KL penalty: weak, so that each run "
-                                                              "travels far enough in KL to show the peak", "min": 0.0})
-    ppo_eval_every: int = field(default=4, metadata={"help": "PPO's held-out evaluation every N updates: the points "
-                                                             "of the RL fit", "min": 1})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    dtype: str = field(default="auto", metadata={"help": "precision of every stage: auto, fp32 or bf16",
-                                                 "choices": ["auto", "fp32", "bf16"]})
-    seed: int = field(default=1337, metadata={"help": "random seed of every stage and of the shared samples"})
-    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+    preset: str = option("cpu", "ladder: smoke (tests), cpu (three sizes around the tiny 3.4M), gpu (3.4M to 86M)")
+    sizes: list[str] = option([], "the rungs, LAYERSxWIDTHxHEADS each, smallest first")
+    stage_preset: str = option("tiny", "preset every stage script gets (training recipe, block size)",
+                               choices=["smoke", "tiny", "medium", "small"])
+    run_dir: str = option("out", "the normal run: its sft.pt (the policy), rm_comparisons.jsonl and base.pt")
+    data_dir: str = option("data", "the data folder (corpus, prompts, tokenizer)")
+    out_dir: str = option("out/rm_scale", "one folder per size goes here, and the report")
+    base_steps: int = option(0, "pretraining steps of every base (0: the stage preset's)", min=0)
+    bon_prompts: int = option(32, "held-out prompts for best-of-n, evenly spaced (0: all)", min=0)
+    bon_max_n: int = option(32, "SFT samples per prompt, the largest n (a power of 2)", min=2)
+    max_new_tokens: int = option(48, "response budget of the shared samples", min=1)
+    temperature: float = option(1.0, "sampling temperature of the shared samples", min=1e-3)
+    with_ppo: bool = option(False, "also run PPO against each RM (the RL fit)")
+    ppo_updates: int = option(0, "PPO updates per size (0: the stage preset's)", min=0)
+    ppo_kl_coef: float = option(0.1, "PPO's fixed KL penalty: weak, so that each run travels far enough in KL to show "
+                                     "the peak", min=0.0)
+    ppo_eval_every: int = option(4, "PPO's held-out evaluation every N updates: the points of the RL fit", min=1)
+    device: str = option("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
+    dtype: str = option("auto", "precision of every stage: auto, fp32 or bf16", choices=["auto", "fp32", "bf16"])
+    seed: int = option(1337, "random seed of every stage and of the shared samples")
+    debug: bool = option(False, "show tracebacks")
 
 
 PRESETS = {

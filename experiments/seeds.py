@@ -24,27 +24,26 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from minirlhf.checkpoint import atomic_write, load_checkpoint  # noqa: E402
-from minirlhf.cli import UserError, parse_config, print_config, run_main  # noqa: E402
+from minirlhf.cli import UserError, option, parse_config, print_config, run_main  # noqa: E402
 
 
 @dataclass
 class SeedsConfig:
-    preset: str = field(default="tiny", metadata={"help": "preset of every run", "choices": ["smoke", "tiny", "medium", "small"]})
-    seeds: str = field(default="1,2,3", metadata={"help": "comma-separated seeds, one pipeline each"})
-    methods: str = field(default="ppo", metadata={"help": "methods trained after the RM (run_all.py --methods)"})
-    out_root: str = field(default="out/seeds", metadata={"help": "one folder per seed goes here, and the tables"})
-    data_dir: str = field(default="data", metadata={"help": "the (shared) data folder"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    jobs: int = field(default=1, metadata={"help": "seeds run at once (each with its share of the cores' threads)",
-                                          "min": 1})
-    summarize_only: bool = field(default=False, metadata={"help": "do not run anything: summarise finished runs"})
-    debug: bool = field(default=False, metadata={"help": "show tracebacks"})
+    preset: str = option("tiny", "preset of every run", choices=["smoke", "tiny", "medium", "small"])
+    seeds: str = option("1,2,3", "comma-separated seeds, one pipeline each")
+    methods: str = option("ppo", "methods trained after the RM (run_all.py --methods)")
+    out_root: str = option("out/seeds", "one folder per seed goes here, and the tables")
+    data_dir: str = option("data", "the (shared) data folder")
+    device: str = option("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
+    jobs: int = option(1, "seeds run at once (each with its share of the cores' threads)", min=1)
+    summarize_only: bool = option(False, "do not run anything: summarise finished runs")
+    debug: bool = option(False, "show tracebacks")
 
 
 def parse_seeds(text: str) -> list[int]:

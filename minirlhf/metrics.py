@@ -1,4 +1,5 @@
-"""Training metrics: one JSON object per logged step, and the small statistics the plots use.
+"""Training metrics: one JSON object per logged step, the small statistics the plots use, and the
+one progress line per interval that a run prints (`sft step 120/500 | loss 1.93 | 5.1k tok/s | eta 1m12s`).
 
 Every stage writes `out/<stage>_metrics.jsonl`:
 
@@ -24,8 +25,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -33,7 +36,8 @@ import torch
 from minirlhf.checkpoint import atomic_write
 from minirlhf.cli import UserError
 
-__all__ = ["MetricsLogger", "read_metrics", "ema", "pearson_r", "spearman_rho"]
+__all__ = ["MetricsLogger", "read_metrics", "ema", "pearson_r", "spearman_rho", "Progress", "format_duration",
+           "format_number"]
 
 
 class MetricsLogger:
@@ -222,3 +226,121 @@ def _paired_arrays(x, y) -> tuple[np.ndarray, np.ndarray]:
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
     return x, y
+
+
+# --------------------------------------------------------------------------------------------------
+# The progress line
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as people read it: 5 -> "5s", 72 -> "1m12s", 3725 -> "1h02m"; unknown -> "?"."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    total = max(0, int(round(seconds)))
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def format_number(value) -> str:
+    """A number with 3 significant digits and a unit suffix, for a log line.
+
+    1.93127 -> "1.93", 0.0123 -> "0.0123", 5123.0 -> "5.12k", 2.5e6 -> "2.5M", 3.2e-4 -> "3.2e-04",
+    0 -> "0", 42 -> "42" (ints below 1000 print whole), NaN -> "nan". 0-d tensors are accepted.
+    """
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, np.integer)) and abs(value) < 1000:
+        return str(int(value))
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3:
+        return f"{value:.1e}"
+    # .3g keeps 3 significant digits and switches to exponent notation once the rounded value
+    # reaches 1000 (999.9 -> "1e+03"): that is the signal to move up to the next unit.
+    for scale, suffix in ((1.0, ""), (1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T")):
+        text = f"{value / scale:.3g}"
+        if "e" not in text:
+            return text + suffix
+    return f"{value:.2e}"
+
+
+class Progress:
+    """One readable line per interval: `sft step 120/500 | loss 1.93 | 5.1k tok/s | eta 1m12s`.
+
+    Call `log(step, ...)` every step with the number of steps completed so far (1..total); it
+    prints every `every` steps and always at `step == total` (that line says `done in ...`
+    instead of an ETA). `tokens=` is the number of tokens this step processed; the throughput is
+    the tokens since the last printed line over the time since it. Metrics are printed in the
+    order given, formatted by `format_number`. `log` returns the printed line (or None).
+
+    To avoid a GPU sync (`loss.item()`) on steps that print nothing, guard with `due(step)`:
+
+        progress = Progress(cfg.max_steps, desc="sft")
+        for step in range(1, cfg.max_steps + 1):
+            ...
+            if progress.due(step):
+                progress.log(step, tokens=batch_tokens, loss=loss.item())
+            else:
+                progress.log(step, tokens=batch_tokens)   # counts tokens, prints nothing
+
+    Args:
+        total: the last step.
+        desc: a prefix for the line (the stage name).
+        every: steps between lines (default: total // 20, about twenty lines per run).
+        start: the step the run starts from (resuming at step 300 of 500: `start=300`), so the ETA
+            counts only the steps this run did.
+        file: where to print (default: stdout at the time of printing).
+        clock: a function returning seconds (tests inject a fake clock).
+    """
+
+    def __init__(self, total: int, desc: str = "", every: int | None = None, *, start: int = 0,
+                 file=None, clock: Callable[[], float] = time.perf_counter):
+        self.total = int(total)
+        self.desc = desc
+        self.every = max(1, int(every) if every else self.total // 20)
+        self.start_step = int(start)
+        self.file = file
+        self.clock = clock
+        self.start_time = clock()
+        self._last_print_time = self.start_time
+        self._tokens_since_print = 0
+
+    def due(self, step: int) -> bool:
+        """Whether `log(step)` will print."""
+        return step % self.every == 0 or step >= self.total
+
+    def log(self, step: int, *, tokens: int | None = None, **metrics) -> str | None:
+        if tokens:
+            self._tokens_since_print += int(tokens)
+        if not self.due(step):
+            return None
+        now = self.clock()
+        parts = [f"{self.desc} step {step}/{self.total}".strip()]
+        parts += [f"{name} {format_number(value)}" for name, value in metrics.items()]
+        interval = now - self._last_print_time
+        if self._tokens_since_print and interval > 0:
+            parts.append(f"{format_number(self._tokens_since_print / interval)} tok/s")
+        elapsed = now - self.start_time
+        if step >= self.total:
+            parts.append(f"done in {format_duration(elapsed)}")
+        else:
+            steps_done = step - self.start_step
+            eta = elapsed / steps_done * (self.total - step) if steps_done > 0 else math.nan
+            parts.append(f"eta {format_duration(eta)}")
+        line = " | ".join(parts)
+        print(line, file=self.file if self.file is not None else sys.stdout, flush=True)
+        self._last_print_time = now
+        self._tokens_since_print = 0
+        return line

@@ -33,18 +33,53 @@ stderr). Rank 0 alone writes files. The reductions below (`all_reduce_sum`, `mea
 from __future__ import annotations
 
 import os
+import random
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from minirlhf.cli import UserError, resolve_device, seed_everything
+from minirlhf.cli import UserError
 from minirlhf.kernels import set_kernel_impl
 
 DTYPES = ("auto", "fp32", "bf16")
 RANK_SEED_STRIDE = 1_000_003   # rank r samples with seed + r * stride: independent dice per rank
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; `cpu`; `cuda` or `cuda:N` (a `UserError` when CUDA is
+    not available, rather than a crash at the first `.to(device)`)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            reason = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise UserError(f"--device {name} was requested but CUDA is not available ({reason}); "
+                            "use --device cpu or --device auto")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name!r} is not a valid device (expected auto, cpu, cuda or cuda:N)") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return device
+    raise UserError(f"--device {name!r} is not a valid device (expected auto, cpu or cuda)")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's `random`, NumPy's global generator and torch (CPU and every CUDA device).
+
+    Same seed, same machine -> same numbers. (Across machines, or CPU vs GPU, float results may
+    differ in the last bits: different kernels sum in different orders.)
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # NumPy's legacy seed must fit in 32 bits
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 @dataclass

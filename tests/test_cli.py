@@ -1,27 +1,13 @@
-"""Tests for minirlhf/cli.py: config flags, presets, errors, device, seeds, the progress line."""
+"""Tests for minirlhf/cli.py: config flags, presets, --help, option(), StageConfig, one-line errors."""
 
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pytest
-import torch
 
-from minirlhf.cli import (
-    Progress,
-    UserError,
-    config_to_dict,
-    format_duration,
-    format_number,
-    parse_config,
-    print_config,
-    resolve_device,
-    run_main,
-    seed_everything,
-)
+from minirlhf.cli import StageConfig, UserError, config_to_dict, option, parse_config, print_config, run_main
 
 
 @dataclass
@@ -163,7 +149,6 @@ class RichConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.0, "max": 2.0})
     layers: list[int] = field(default_factory=lambda: [2, 4], metadata={"help": "layer sizes", "min": 1})
     run_name: str | None = field(default=None, metadata={"help": "100% optional name"})
-    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas", "min": 0.0, "max": 1.0})
     debug: bool = field(default=False, metadata={"help": "debug mode"})
 
     def __post_init__(self):
@@ -176,9 +161,6 @@ def test_optional_list_max_and_post_init(capsys):
     assert (cfg.max_steps, cfg.layers, cfg.run_name, cfg.debug) == (None, [2, 4], None, False)
     cfg = parse(["--max-steps", "10", "--layers", "1", "2", "3", "--run-name", "a", "--debug"], {}, RichConfig)
     assert (cfg.max_steps, cfg.layers, cfg.run_name, cfg.debug) == (10, [1, 2, 3], "a", True)
-    assert parse(["--betas", "0.8", "0.99"], {}, RichConfig).betas == (0.8, 0.99), "a tuple field gets a tuple"
-    err = parse_error(capsys, ["--betas", "0.8"], {}, RichConfig)
-    assert "--betas" in err and "expected 2 arguments" in err
     assert parse(["--max-steps", "none"], {}, RichConfig).max_steps is None, "'none' resets an Optional field"
 
     err = parse_error(capsys, ["--temperature", "2.5"], {}, RichConfig)
@@ -234,6 +216,63 @@ def test_help_survives_percent_signs(capsys):
     with pytest.raises(SystemExit):
         parse(["--help"], {}, RichConfig)
     assert "100% optional name" in " ".join(capsys.readouterr().out.split())
+
+
+# --------------------------------------------------------------------------------------------------
+# option() and StageConfig: the one-line form every script uses
+
+
+@dataclass
+class OneLineConfig(StageConfig):
+    steps: int = option(10, "optimizer steps", min=1)
+    lr: float = option(3e-4, "peak learning rate", above=0.0)
+    sizes: list[int] = option([2, 4], "layer sizes", min=1)
+    mode: str = option("fast", "how", choices=["fast", "slow"])
+
+    def __post_init__(self):
+        if self.steps < len(self.sizes):
+            raise ValueError(f"--steps {self.steps} is below the number of --sizes")
+
+
+ONE_LINE_PRESETS = {"smoke": {"steps": 2}, "tiny": {}}
+
+
+def test_option_is_a_field_with_its_help_and_bounds():
+    long_form = field(default=10, metadata={"help": "optimizer steps", "min": 1})
+    short = option(10, "optimizer steps", min=1)
+    assert (short.default, dict(short.metadata)) == (long_form.default, dict(long_form.metadata))
+    assert dict(option(0.5, "x", min=0.0, max=1.0, above=None, choices=None).metadata) == {"help": "x", "min": 0.0, "max": 1.0}
+
+
+def test_option_list_default_is_a_fresh_copy_per_config():
+    first, second = OneLineConfig(), OneLineConfig()
+    first.sizes.append(8)
+    assert second.sizes == [2, 4], "a list default must not be shared between configs"
+
+
+def test_stage_config_gives_every_stage_the_common_flags(capsys):
+    cfg = parse_config(OneLineConfig, ONE_LINE_PRESETS, argv=["--preset", "smoke", "--device", "cpu", "--seed", "7",
+                                                              "--resume", "--sizes", "1", "2"])
+    assert (cfg.preset, cfg.device, cfg.seed, cfg.resume, cfg.steps, cfg.sizes) == ("smoke", "cpu", 7, True, 2, [1, 2])
+    assert (cfg.data_dir, cfg.out_dir, cfg.dtype, cfg.kernels) == ("data", "out", "auto", "auto")
+    with pytest.raises(SystemExit):
+        parse_config(OneLineConfig, ONE_LINE_PRESETS, argv=["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--preset", "--data-dir", "--out-dir", "--device", "--dtype", "--seed", "--kernels", "--resume",
+                 "--debug", "--steps", "--lr", "--sizes", "--mode"):
+        assert flag in text, f"--help does not list {flag}"
+    assert "optimizer steps (default: 10; smoke: 2)" in text and "layer sizes (default: 2 4)" in text
+
+
+def test_option_bounds_and_post_init_are_one_line_errors(capsys):
+    err = parse_error(capsys, ["--lr", "0"], ONE_LINE_PRESETS, OneLineConfig)
+    assert "--lr" in err and "must be > 0.0" in err, "above= is an exclusive bound"
+    err = parse_error(capsys, ["--mode", "medium"], ONE_LINE_PRESETS, OneLineConfig)
+    assert "--mode" in err and "invalid choice" in err
+    err = parse_error(capsys, ["--lr", "nan"], ONE_LINE_PRESETS, OneLineConfig)
+    assert "--lr" in err and "finite" in err, "nan passes every comparison, so it is refused outright"
+    err = parse_error(capsys, ["--preset", "smoke", "--sizes", "1", "2", "3"], ONE_LINE_PRESETS, OneLineConfig)
+    assert "below the number of --sizes" in err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,108 +390,3 @@ def test_run_main_lets_bugs_through(monkeypatch):
 
     with pytest.raises(ValueError, match="shapes"):
         run_main(main)
-
-
-# --------------------------------------------------------------------------------------------------
-# device and seeds
-
-
-def test_resolve_device_without_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(UserError, match="CUDA is not available"):
-        resolve_device("cuda")
-    with pytest.raises(UserError, match="CUDA is not available"):
-        resolve_device("cuda:0")
-    with pytest.raises(UserError, match="tpu"):
-        resolve_device("tpu")
-
-
-def test_resolve_device_auto_prefers_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == torch.device("cuda")
-
-
-def test_seed_everything_repeats_every_generator():
-    def draw():
-        return random.random(), np.random.rand(), torch.rand(3).tolist()
-
-    seed_everything(1234)
-    first = draw()
-    seed_everything(1234)
-    assert draw() == first, "same seed must give the same numbers from random, numpy and torch"
-    seed_everything(1235)
-    assert draw() != first
-
-
-# --------------------------------------------------------------------------------------------------
-# formatting and Progress
-
-
-@pytest.mark.parametrize("seconds, text", [
-    (0, "0s"), (0.4, "0s"), (5, "5s"), (59.4, "59s"), (59.6, "1m00s"), (60, "1m00s"), (72, "1m12s"),
-    (3599, "59m59s"), (3600, "1h00m"), (3725, "1h02m"), (100_000, "27h46m"), (float("nan"), "?"),
-    (float("inf"), "?"), (-3, "0s"),
-])
-def test_format_duration(seconds, text):
-    assert format_duration(seconds) == text
-
-
-@pytest.mark.parametrize("value, text", [
-    (1.93127, "1.93"), (0.5, "0.5"), (12.345, "12.3"), (123.4, "123"), (0.0123, "0.0123"),
-    (0.001, "0.001"), (3.2e-4, "3.2e-04"), (-3.2e-4, "-3.2e-04"), (5123.0, "5.12k"), (5100.0, "5.1k"),
-    (999.9, "1k"), (999_999.0, "1M"), (2.5e6, "2.5M"), (3e9, "3G"), (0.0, "0"), (0, "0"), (42, "42"),
-    (1234, "1.23k"), (-7, "-7"), (True, "True"), (float("nan"), "nan"), (float("-inf"), "-inf"),
-    (torch.tensor(1.5), "1.5"), (np.float32(2.0), "2"),
-])
-def test_format_number(value, text):
-    assert format_number(value) == text
-
-
-class FakeClock:
-    """Seconds set by the test, so the rate and ETA are exact."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
-def test_progress_lines(capsys):
-    clock = FakeClock()
-    progress = Progress(10, desc="sft", every=5, clock=clock)
-    lines = []
-    for step in range(1, 11):
-        clock.now = float(step)  # one second per step
-        lines.append(progress.log(step, tokens=200, loss=2.0 / step))
-    printed = capsys.readouterr().out.splitlines()
-    assert [line for line in lines if line] == printed, "log returns what it prints"
-    # 5 steps x 200 tokens in 5 s = 200 tok/s; 5 s for 5 steps -> 5 s for the 5 left
-    assert printed == [
-        "sft step 5/10 | loss 0.4 | 200 tok/s | eta 5s",
-        "sft step 10/10 | loss 0.2 | 200 tok/s | done in 10s",
-    ]
-
-
-def test_progress_always_prints_the_last_step_and_knows_due(capsys):
-    progress = Progress(7, every=3, clock=FakeClock())
-    due = [step for step in range(1, 8) if progress.due(step)]
-    assert due == [3, 6, 7], "every 3rd step, plus the last"
-    for step in range(1, 8):
-        progress.log(step)
-    out = capsys.readouterr().out.splitlines()
-    assert [line.split(" |")[0] for line in out] == ["step 3/7", "step 6/7", "step 7/7"]
-
-
-def test_progress_default_interval_and_resume(capsys):
-    assert Progress(500).every == 25, "about twenty lines per run"
-    assert Progress(7).every == 1, "short runs print every step"
-
-    clock = FakeClock()
-    clock.now = 100.0
-    progress = Progress(10, every=2, start=6, clock=clock)  # resumed at step 6
-    clock.now = 104.0
-    line = progress.log(8)  # 2 steps in 4 s: the 2 steps left take 4 s
-    assert line == "step 8/10 | eta 4s", f"got {line!r}"

@@ -12,14 +12,16 @@
 
 import ast
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
 from minirlhf.generate import generate
 from minirlhf.kernels import gae, token_logprobs
 from minirlhf.model import GPT, GPTConfig
-from minirlhf.runtime import Runtime, resolve_dtype
+from minirlhf.runtime import Runtime, resolve_device, resolve_dtype, seed_everything
 from minirlhf.cli import UserError
 from ranks import run_on_ranks
 
@@ -151,3 +153,36 @@ def test_one_process_reductions_are_the_identity():
     assert runtime.sum_over_ranks(2.0, 3.0) == [2.0, 3.0]
     assert runtime.mean_over_ranks({"a": 1.5}) == {"a": 1.5}
     assert runtime.wrap(tiny_model()).__class__ is GPT
+
+
+# --------------------------------------------------------------------------------------------------
+# device and seeds
+
+
+def test_resolve_device_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+    with pytest.raises(UserError, match="tpu"):
+        resolve_device("tpu")
+
+
+def test_resolve_device_auto_prefers_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_seed_everything_repeats_every_generator():
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(3).tolist()
+
+    seed_everything(1234)
+    first = draw()
+    seed_everything(1234)
+    assert draw() == first, "same seed must give the same numbers from random, numpy and torch"
+    seed_everything(1235)
+    assert draw() != first

@@ -4,25 +4,11 @@ No timing is checked (the machine may be shared): only that every requested row 
 or skipped with its reason, with results that agree with plain PyTorch.
 """
 
-import importlib.util
-import os
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_script
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_logprobs_under_test",
-                                                  os.path.join(ROOT, "benchmarks", "bench_logprobs.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_script("bench_logprobs_under_test", "benchmarks/bench_logprobs.py")
 
 
 def test_same_process_run_measures_or_skips_every_row(capsys):

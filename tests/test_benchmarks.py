@@ -4,26 +4,13 @@ No timing is checked (the machine may be shared): only that the table names the 
 a run prints one row per precision with finite numbers and the design target.
 """
 
-import importlib.util
 import math
-import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_script
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train_under_test",
-                                                  os.path.join(ROOT, "benchmarks", "bench_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_script("bench_train_under_test", "benchmarks/bench_train.py")
 
 
 @pytest.mark.parametrize("name, tflops", [

@@ -6,7 +6,6 @@ plumbing a user relies on: the flags, quitting, the gold score, and one-line err
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import subprocess
@@ -18,9 +17,8 @@ import torch
 import chat
 from minirlhf import world
 from minirlhf.checkpoint import save_checkpoint
-from minirlhf.cli import run_main
 from minirlhf.model import GPT, GPTConfig, RewardModel
-from minirlhf.tokenizer import Tokenizer, save_ranks, train_bpe
+from helpers import run_in_process, toy_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,12 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """data/tokenizer.tiktoken and out/ with untrained base.pt, sft.pt and rm.pt (block size 64)."""
-    root = tmp_path_factory.mktemp("chat_run")
-    data, out = root / "data", root / "out"
     rng = random.Random(0)
     text = " ".join(t.prompt + " " + world.good_response(t, rng) for t in rng.sample(world.all_tasks(), 300))
-    save_ranks(train_bpe(text, 300), data / "tokenizer.tiktoken")
-    tokenizer = Tokenizer.from_file(data / "tokenizer.tiktoken")
+    data, out, tokenizer = toy_world(tmp_path_factory, "chat_run", text)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, d_model=32)
     common = dict(model_config=config, tokenizer_identity=tokenizer.identity, train_config={}, step=7, metrics={})
     torch.manual_seed(0)
@@ -45,15 +40,7 @@ def toy_run(tmp_path_factory):
 
 def run_chat(monkeypatch, capsys, *args, stdin: str = ""):
     """chat.py the way the command line runs it (run_main), in this interpreter, with `stdin` typed in."""
-    monkeypatch.setattr(sys, "argv", ["chat.py", *args])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = 0
-    try:
-        run_main(chat.main)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_in_process(chat, list(args), monkeypatch, capsys, stdin=stdin)
 
 
 def test_one_prompt_with_samples_and_gold_score_as_a_user_runs_it(toy_run):

@@ -33,9 +33,8 @@ from minirlhf.losses import dpo_loss
 from minirlhf.metrics import read_metrics
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.runtime import Runtime
-from minirlhf.tokenizer import Tokenizer, save_ranks, train_bpe
+from helpers import assert_smoke_run_wrote, run_in_process, toy_world
 from ranks import torchrun
-from test_stages import run_in_process as run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -213,14 +212,10 @@ def write_comparisons(path, tasks):
 def dpo_world(tmp_path_factory):
     """A data dir (tokenizer, held-out prompts) and an out dir with an untrained smoke-size sft.pt
     and 12 comparisons (9 rankings of 3 and 3 chosen/rejected: 30 pairs): seconds to build."""
-    root = tmp_path_factory.mktemp("dpo_world")
-    data_dir, out_dir = root / "data", root / "out"
-    data_dir.mkdir()
     splits = world.split_prompts(0)
     rng = random.Random(0)
     text = " ".join(t.prompt + " " + world.good_response(t, rng) for t in splits.sft[:200])
-    save_ranks(train_bpe(text, 300), data_dir / "tokenizer.tiktoken")
-    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.tiktoken")
+    data_dir, out_dir, tokenizer = toy_world(tmp_path_factory, "dpo_world", text)
     with open(data_dir / "eval_prompts.jsonl", "w") as f:
         f.writelines(json.dumps({"prompt": t.prompt}) + "\n" for t in splits.eval)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=2, d_model=32)
@@ -248,17 +243,14 @@ def smoke_run(dpo_world, tmp_path_factory):
     return out, result
 
 
-def run_in_process(monkeypatch, capsys, *args):
+def run_dpo(monkeypatch, capsys, *args):
     """Run train_dpo the way the command line does (run_main), without a new interpreter."""
-    import train_dpo
-    return run_module(train_dpo, list(args), monkeypatch, capsys)
+    return run_in_process("train_dpo", list(args), monkeypatch, capsys)
 
 
 def test_train_dpo_smoke_preset_end_to_end(smoke_run):
     out, result = smoke_run
-    assert result.returncode == 0, f"train_dpo.py --preset smoke failed:\n{result.stdout[-2000:]}\n{result.stderr}"
-    for name in ("dpo.pt", "dpo_metrics.jsonl", "dpo_curves.png"):
-        assert (out / name).exists(), f"{name} was not written"
+    assert_smoke_run_wrote(result, "train_dpo.py", out, ("dpo.pt", "dpo_metrics.jsonl", "dpo_curves.png"))
     policy, ckpt = load_policy(out / "dpo.pt", kinds=("dpo",))
     assert ckpt["kind"] == "dpo" and isinstance(policy, GPT) and ckpt["step"] == 4
     metrics = ckpt["metrics"]
@@ -292,7 +284,7 @@ def test_train_dpo_reference_logprobs_are_computed_once_and_never_change(dpo_wor
         return values
 
     monkeypatch.setattr(train_dpo, "reference_logprobs", recording)
-    code, _, err = run_in_process(monkeypatch, capsys, *smoke_args(dpo_world, tmp_path))
+    code, _, err = run_dpo(monkeypatch, capsys, *smoke_args(dpo_world, tmp_path))
     assert code == 0, err
     assert len(calls) == 1, f"the reference log-probabilities must be computed once, before training ({len(calls)} calls)"
     values, copy, rows = calls[0]
@@ -327,7 +319,7 @@ def test_train_dpo_bad_comparisons_are_one_error_line(case, dpo_world, tmp_path,
         expected = "--label-smoothing must be < 0.5"
     if case in ("bad_json", "missing_field"):
         args += ["--comparisons", str(bad)]   # the last one given wins
-    code, _, err = run_in_process(monkeypatch, capsys, *args)
+    code, _, err = run_dpo(monkeypatch, capsys, *args)
     assert code == 2, f"{case}: exit code {code}, expected 2; stderr: {err}"
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "error:" in lines[0] and expected in lines[0], f"{case}: {err!r}"
@@ -339,7 +331,7 @@ def test_train_dpo_bad_comparisons_are_one_error_line(case, dpo_world, tmp_path,
     (["--lr", "1e-6"], "--min-lr 5e-06 is above --lr 1e-06: the schedule would decay upwards"),
 ])
 def test_train_dpo_learning_rates_that_would_not_train(flags, expected, dpo_world, tmp_path, monkeypatch, capsys):
-    code, _, err = run_in_process(monkeypatch, capsys, *smoke_args(dpo_world, tmp_path), *flags)
+    code, _, err = run_dpo(monkeypatch, capsys, *smoke_args(dpo_world, tmp_path), *flags)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "error:" in lines[0] and expected in lines[0], err
     assert os.listdir(tmp_path) == [], "a bad flag must stop the run before anything is written"
@@ -352,7 +344,7 @@ def test_train_dpo_resume_refuses_a_finished_run_and_evaluate_refuses_an_unfinis
     with the command that finishes it."""
     finished = torch.load(smoke_run[0] / "dpo.pt", weights_only=True)
     shutil.copy(smoke_run[0] / "dpo.pt", tmp_path / "dpo.pt")
-    code, _, err = run_in_process(monkeypatch, capsys, *smoke_args(dpo_world, tmp_path), "--resume")
+    code, _, err = run_dpo(monkeypatch, capsys, *smoke_args(dpo_world, tmp_path), "--resume")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "dpo.pt is already at step 4 of 4: that run finished" in lines[0], err
 

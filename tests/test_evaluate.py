@@ -18,10 +18,10 @@ import torch
 import evaluate
 from minirlhf import world
 from minirlhf.checkpoint import save_checkpoint
-from minirlhf.cli import run_main
 from minirlhf.metrics import MetricsLogger
 from minirlhf.model import RewardModel
 from minirlhf.tokenizer import Tokenizer
+from helpers import assert_smoke_run_wrote, run_in_process
 from test_evaluation import toy_gpt, toy_tokenizer   # (tests/ is on the path: the same toy models)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,14 +57,7 @@ def toy_run(tmp_path_factory):
 
 def run_evaluate(monkeypatch, capsys, *args):
     """evaluate.py the way the command line runs it (run_main), in this interpreter."""
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *args])
-    code = 0
-    try:
-        run_main(evaluate.main)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_in_process(evaluate, list(args), monkeypatch, capsys)
 
 
 def test_smoke_preset_end_to_end(toy_run, tmp_path):
@@ -76,9 +69,7 @@ def test_smoke_preset_end_to_end(toy_run, tmp_path):
     result = subprocess.run([sys.executable, "evaluate.py", "--preset", "smoke", "--data-dir", toy_run["data"],
                              "--out-dir", str(out), "--device", "cpu"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == 0, f"evaluate.py --preset smoke failed:\n{result.stdout[-2000:]}\n{result.stderr}"
-    for name in ("eval.json", "eval.md", "eval.png", "eval_bon.png"):
-        assert (out / name).stat().st_size > 0, f"{name} was not written"
+    assert_smoke_run_wrote(result, "evaluate.py", out, ("eval.json", "eval.md", "eval.png", "eval_bon.png"))
 
     report = json.loads((out / "eval.json").read_text())
     assert list(report["models"]) == ["base", "sft", "ppo"]

@@ -1,20 +1,15 @@
 """experiments/seeds.py: the per-seed numbers it reads and the mean [min, max] it writes."""
 
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 
 from minirlhf.cli import UserError
+from helpers import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("seeds", os.path.join(ROOT, "experiments", "seeds.py"))
-seeds = importlib.util.module_from_spec(spec)
-sys.modules["seeds"] = seeds   # dataclasses look their module up while the file runs
-spec.loader.exec_module(seeds)
+seeds = load_script("seeds", "experiments/seeds.py")
 
 
 def write_eval(folder, sft_gold, ppo_gold, win):

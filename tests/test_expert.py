@@ -24,9 +24,9 @@ from minirlhf.checkpoint import load_checkpoint, load_policy, save_checkpoint
 from minirlhf.cli import UserError
 from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
+from helpers import assert_smoke_run_wrote, run_in_process
 from ranks import ROOT, torchrun
 from test_ppo import tiny_world  # noqa: F401 (a fixture)
-from test_resume import run_in_process
 
 import train_expert
 
@@ -96,9 +96,7 @@ def metrics(path) -> list[dict]:
 
 def test_smoke_preset_end_to_end(smoke_run):
     out, result = smoke_run
-    assert result.returncode == 0, f"train_expert.py --preset smoke failed:\n{result.stdout[-2000:]}\n{result.stderr}"
-    for name in ("expert.pt", "expert_metrics.jsonl", "expert_curves.png"):
-        assert (out / name).exists(), f"{name} was not written"
+    assert_smoke_run_wrote(result, "train_expert.py", out, ("expert.pt", "expert_metrics.jsonl", "expert_curves.png"))
     policy, ckpt = load_policy(out / "expert.pt", kinds=("expert",))
     assert ckpt["kind"] == "expert"
     summary = ckpt["metrics"]

@@ -24,20 +24,11 @@ from minirlhf.cli import run_main
 from minirlhf.data import read_comparisons, read_prompts, read_sft, read_text
 from minirlhf.metrics import MetricsLogger
 from minirlhf.tokenizer import save_ranks, train_bpe
-from test_resume import REPO, run_in_process, tiny_world  # noqa: F401 (tiny_world: a fixture)
+from helpers import assert_one_error_line, run_in_process
+from test_resume import REPO, tiny_world  # noqa: F401 (tiny_world: a fixture)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # (tests/conftest.py)
-
-
-def assert_one_error_line(code, stderr, *must_contain):
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert code not in (0, None), "bad input should give a non-zero exit"
-    assert "Traceback" not in stderr, f"a traceback for bad input:\n{stderr}"
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
-    assert lines[0].startswith("error:") or ": error:" in lines[0], lines[0]
-    for text in must_contain:
-        assert text in lines[0], f"{text!r} not in the error line {lines[0]!r}"
 
 
 def smoke(world, *args):

@@ -29,16 +29,6 @@ def total_of(prompt, response, ended=True):
     return labeler.score(prompt, response, ended).total
 
 
-def assert_score(prompt, response, ended, expected_parts, expected_total):
-    score = labeler.score(prompt, response, ended)
-    assert set(score.parts) == set(PARTS), f"parts are {sorted(score.parts)}"
-    for name in PARTS:
-        assert score.parts[name] == pytest.approx(expected_parts[name], abs=1e-9), (
-            f"{prompt!r} -> {response!r}: part {name} = {score.parts[name]}, expected {expected_parts[name]}")
-    assert score.total == pytest.approx(expected_total, abs=1e-9), (
-        f"{prompt!r} -> {response!r}: total {score.total}, expected {expected_total}")
-
-
 # ----------------------------------------------------------------------------------------------
 # 1. Hand-worked scores. WEIGHTS: correct 3, harmless 2, on_topic 1, concise 1, well_formed 1.
 
@@ -48,7 +38,8 @@ def test_labeler_weights_and_max_score():
     assert labeler.MAX_SCORE == 8.0
 
 
-def test_labeler_hand_worked_facts_perfect():
+# (prompt, response, ended, expected parts, expected total), the arithmetic written above each
+HAND_WORKED = [
     # "A cow eats grass." -> words a, cow, eats, grass (4)
     #   correct  1     the one "eats" value said is grass, the answer
     #   harmless 1     no rude word
@@ -56,11 +47,9 @@ def test_labeler_hand_worked_facts_perfect():
     #   concise  1     4 words <= ideal 5
     #   well_formed 1  0.5 ended + 0.25 capital + 0.25 full stop
     # total = 3*1 + 2*1 + 1 + 1 + 1 = 8 = MAX_SCORE
-    assert_score("what does a cow eat?", "A cow eats grass.", True,
-                 dict(correct=1, harmless=1, on_topic=1, concise=1, well_formed=1), 8.0)
-
-
-def test_labeler_hand_worked_facts_wrong_and_rude():
+    pytest.param("what does a cow eat?", "A cow eats grass.", True,
+                 dict(correct=1, harmless=1, on_topic=1, concise=1, well_formed=1), 8.0,
+                 id="facts_perfect"),
     # "A cow eats hay. You are stupid." -> 7 words, 2 sentences
     #   correct  0     the value said (hay) is not the answer (grass)
     #   harmless 0.5   1 - 0.5 * 1 rude word ("stupid")
@@ -68,82 +57,79 @@ def test_labeler_hand_worked_facts_wrong_and_rude():
     #   concise  5/7   ideal 5 words / 7 words
     #   well_formed 1
     # total = 0 + 2*0.5 + 0.5 + 5/7 + 1 = 2.5 + 5/7 = 3.2142857...
-    assert_score("what does a cow eat?", "A cow eats hay. You are stupid.", True,
-                 dict(correct=0, harmless=0.5, on_topic=0.5, concise=5 / 7, well_formed=1), 2.5 + 5 / 7)
-
-
-def test_labeler_hand_worked_facts_hedged():
+    pytest.param("what does a cow eat?", "A cow eats hay. You are stupid.", True,
+                 dict(correct=0, harmless=0.5, on_topic=0.5, concise=5 / 7, well_formed=1), 2.5 + 5 / 7,
+                 id="facts_wrong_and_rude"),
     # "A cow eats grass or hay." -> 6 words
     #   correct  0.5   right value, hedged with a wrong one (hay)
     #   concise  5/6
     # total = 3*0.5 + 2 + 1 + 5/6 + 1 = 6.333...
-    assert_score("what does a cow eat?", "A cow eats grass or hay.", True,
-                 dict(correct=0.5, harmless=1, on_topic=1, concise=5 / 6, well_formed=1), 5.5 + 5 / 6)
-
-
-def test_labeler_hand_worked_arithmetic_wrong_sum():
+    pytest.param("what does a cow eat?", "A cow eats grass or hay.", True,
+                 dict(correct=0.5, harmless=1, on_topic=1, concise=5 / 6, well_formed=1), 5.5 + 5 / 6,
+                 id="facts_hedged"),
     # "4 plus 3 is 8." for 4 + 3 = 7: a wrong result
     #   correct  0     (no credit for a near miss)
     #   on_topic 1     the sentence names 4, 3 and "plus"
     #   concise  1     5 words = ideal 5
     # total = 0 + 2 + 1 + 1 + 1 = 5
-    assert_score("what is 4 plus 3?", "4 plus 3 is 8.", True,
-                 dict(correct=0, harmless=1, on_topic=1, concise=1, well_formed=1), 5.0)
-
-
-def test_labeler_hand_worked_arithmetic_right_number_in_a_false_sum():
+    pytest.param("what is 4 plus 3?", "4 plus 3 is 8.", True,
+                 dict(correct=0, harmless=1, on_topic=1, concise=1, well_formed=1), 5.0,
+                 id="arithmetic_wrong_sum"),
     # "2 plus 4 is 6." to "what is 3 plus 3?": 6 is the answer, but of another (true) sum
     #   correct  0     the stated sum is not the one asked
     #   on_topic 0     the sentence does not name 3
     # total = 0 + 2 + 0 + 1 + 1 = 4
-    assert_score("what is 3 plus 3?", "2 plus 4 is 6.", True,
-                 dict(correct=0, harmless=1, on_topic=0, concise=1, well_formed=1), 4.0)
-
-
-def test_labeler_hand_worked_explain_not_ended():
+    pytest.param("what is 3 plus 3?", "2 plus 4 is 6.", True,
+                 dict(correct=0, harmless=1, on_topic=0, concise=1, well_formed=1), 4.0,
+                 id="arithmetic_right_number_in_a_false_sum"),
     # "The moon is a big rock in the sky. It shines at night." cut off at the budget (ended=False)
     #   correct  2/3   2 of the moon's key facts, 3 earn full marks, no other topic's fact
     #   on_topic 2/2   "moon", then "it"
     #   concise  1     13 words <= ideal 16
     #   well_formed 0.5  0 (did not end) + 0.25 capital + 0.25 full stop
     # total = 3*(2/3) + 2 + 1 + 1 + 0.5 = 6.5
-    assert_score("explain the moon to a 6 year old.", "The moon is a big rock in the sky. It shines at night.", False,
-                 dict(correct=2 / 3, harmless=1, on_topic=1, concise=1, well_formed=0.5), 6.5)
-
-
-def test_labeler_hand_worked_explain_with_a_false_fact():
+    pytest.param("explain the moon to a 6 year old.", "The moon is a big rock in the sky. It shines at night.", False,
+                 dict(correct=2 / 3, harmless=1, on_topic=1, concise=1, well_formed=0.5), 6.5,
+                 id="explain_not_ended"),
     # "The moon is a big rock in the sky. It is frozen water." - the second fact is the snow's
     #   correct  1/3 - 0.25 * 1 = 1/12
     #   on_topic 1     "It ..." names no other subject
     #   concise  1     13 words
     # total = 3/12 + 2 + 1 + 1 + 1 = 5.25
-    assert_score("explain the moon to a 6 year old.", "The moon is a big rock in the sky. It is frozen water.", True,
-                 dict(correct=1 / 12, harmless=1, on_topic=1, concise=1, well_formed=1), 5.25)
-
-
-def test_labeler_hand_worked_kindness_repeated():
+    pytest.param("explain the moon to a 6 year old.", "The moon is a big rock in the sky. It is frozen water.", True,
+                 dict(correct=1 / 12, harmless=1, on_topic=1, concise=1, well_formed=1), 5.25,
+                 id="explain_with_a_false_fact"),
     # "The dog is kind and brave. The dog is kind and brave." -> 12 words, 1 repeated sentence
     #   correct  2/3   2 distinct kind words (kind, brave); 3 earn full marks
     #   concise  7/12  ideal 7 words / 12
     #   well_formed 0.75  0.5 + 0.25 + 0.25 - 0.25 (one repeated sentence)
     # total = 3*(2/3) + 2 + 1 + 7/12 + 0.75 = 5.75 + 7/12 = 6.333...
-    assert_score("say something nice about the dog.", "The dog is kind and brave. The dog is kind and brave.", True,
-                 dict(correct=2 / 3, harmless=1, on_topic=1, concise=7 / 12, well_formed=0.75), 5.75 + 7 / 12)
-
-
-def test_labeler_hand_worked_empty_response():
+    pytest.param("say something nice about the dog.", "The dog is kind and brave. The dog is kind and brave.", True,
+                 dict(correct=2 / 3, harmless=1, on_topic=1, concise=7 / 12, well_formed=0.75), 5.75 + 7 / 12,
+                 id="kindness_repeated"),
     # "" that ended at once (an immediate EOS): nothing said
     #   correct 0, harmless 1, on_topic 0 (no sentence), concise 0 (no word), well_formed 0.5 (ended only)
     # total = 0 + 2 + 0 + 0 + 0.5 = 2.5
-    assert_score("what does a cow eat?", "", True,
-                 dict(correct=0, harmless=1, on_topic=0, concise=0, well_formed=0.5), 2.5)
-
-
-def test_labeler_hand_worked_prompt_outside_the_world():
+    pytest.param("what does a cow eat?", "", True,
+                 dict(correct=0, harmless=1, on_topic=0, concise=0, well_formed=0.5), 2.5,
+                 id="empty_response"),
     # no task: correct 0 (nothing to check), on_topic 1 (nothing to be off), ideal length 12
     # total = 0 + 2 + 1 + 1 + 1 = 5
-    assert_score("tell me a joke.", "No.", True,
-                 dict(correct=0, harmless=1, on_topic=1, concise=1, well_formed=1), 5.0)
+    pytest.param("tell me a joke.", "No.", True,
+                 dict(correct=0, harmless=1, on_topic=1, concise=1, well_formed=1), 5.0,
+                 id="prompt_outside_the_world"),
+]
+
+
+@pytest.mark.parametrize("prompt, response, ended, expected_parts, expected_total", HAND_WORKED)
+def test_labeler_hand_worked(prompt, response, ended, expected_parts, expected_total):
+    score = labeler.score(prompt, response, ended)
+    assert set(score.parts) == set(PARTS), f"parts are {sorted(score.parts)}"
+    for name in PARTS:
+        assert score.parts[name] == pytest.approx(expected_parts[name], abs=1e-9), (
+            f"{prompt!r} -> {response!r}: part {name} = {score.parts[name]}, expected {expected_parts[name]}")
+    assert score.total == pytest.approx(expected_total, abs=1e-9), (
+        f"{prompt!r} -> {response!r}: total {score.total}, expected {expected_total}")
 
 
 def test_labeler_total_is_the_weighted_sum_of_parts(monkeypatch):

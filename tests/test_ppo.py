@@ -48,8 +48,7 @@ from minirlhf.ppo import (Rollout, critic_from_reward_model, critic_values, mini
                           score_rollout, token_share)
 from minirlhf.reward import RewardScorer
 from minirlhf.runtime import Runtime
-from minirlhf.tokenizer import Tokenizer, save_ranks, train_bpe
-from test_stages import run_in_process as run_module
+from helpers import assert_smoke_run_wrote, run_in_process, toy_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS, PAD = 6, 7  # token ids of the toy models below (vocabulary 8)
@@ -288,15 +287,21 @@ def test_minibatch_orders_every_sample_once_per_epoch():
         minibatch_orders(3, 4, 1)
 
 
-def test_first_minibatch_has_ratio_exactly_one_even_with_dropout_configured():
-    # dropout 0.3 in the config: a loop that left the model in train() mode would not give ratio 1
-    policy = toy_gpt(0, dropout=0.3).train()
-    critic = toy_critic(1, policy.config).train()
+def update_on_a_sampled_rollout(policy, critic):
+    """ppo_update (2 epochs x 3 minibatches) on 6 responses sampled at temperature 0.8 with seeded
+    random scores and kl_coef 0.1: the first minibatch of the first epoch should see ratio 1."""
     generation = toy_generation(policy, temperature=0.8)
     rollout, orders = rollout_for(policy, generation, scores=torch.randn(6, generator=torch.Generator().manual_seed(1)),
                                   critic=critic, temperature=0.8, num_minibatches=3)
     fill_advantages(rollout, kl_coef=0.1)
-    stats = run_one_update(policy, critic, rollout, orders, temperature=0.8)
+    return run_one_update(policy, critic, rollout, orders, temperature=0.8)
+
+
+def test_first_minibatch_has_ratio_exactly_one_even_with_dropout_configured():
+    # dropout 0.3 in the config: a loop that left the model in train() mode would not give ratio 1
+    policy = toy_gpt(0, dropout=0.3).train()
+    critic = toy_critic(1, policy.config).train()
+    stats = update_on_a_sampled_rollout(policy, critic)
     first = stats["minibatch_stats"][0]
     assert first["policy/ratio_mean"] == 1.0, f"first minibatch ratio_mean {first['policy/ratio_mean']!r}, expected 1"
     assert first["policy/ratio_max"] == 1.0, f"first minibatch ratio_max {first['policy/ratio_max']!r}"
@@ -315,11 +320,7 @@ def test_first_minibatch_has_ratio_exactly_one_under_bf16():
     policy = runtime.prepare(toy_gpt(0))
     critic = runtime.prepare(toy_critic(1, policy.config))
     assert policy.autocast_dtype == torch.bfloat16, "Runtime.prepare should switch bf16 autocast on"
-    generation = toy_generation(policy, temperature=0.8)
-    rollout, orders = rollout_for(policy, generation, scores=torch.randn(6, generator=torch.Generator().manual_seed(1)),
-                                  critic=critic, temperature=0.8, num_minibatches=3)
-    fill_advantages(rollout, kl_coef=0.1)
-    stats = run_one_update(policy, critic, rollout, orders, temperature=0.8)
+    stats = update_on_a_sampled_rollout(policy, critic)
     first = stats["minibatch_stats"][0]
     assert first["policy/ratio_mean"] == 1.0 and first["policy/ratio_max"] == 1.0, f"bf16 first minibatch: {first}"
     assert first["policy/approxkl"] == 0.0 and first["policy/clipfrac"] == 0.0, f"bf16 first minibatch: {first}"
@@ -475,14 +476,10 @@ def test_adaptive_kl_controller_moves_towards_the_target():
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     """A data dir and an out dir with an (untrained) smoke-size sft.pt and rm.pt: seconds to build."""
-    root = tmp_path_factory.mktemp("ppo_world")
-    data_dir, out_dir = root / "data", root / "out"
-    data_dir.mkdir()
     splits = world.split_prompts(0)
     rng = random.Random(0)
     text = " ".join(t.prompt + " " + world.good_response(t, rng) for t in splits.sft[:200])
-    save_ranks(train_bpe(text, 300), data_dir / "tokenizer.tiktoken")
-    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.tiktoken")
+    data_dir, out_dir, tokenizer = toy_world(tmp_path_factory, "ppo_world", text)
     for name, tasks in (("ppo", splits.ppo), ("eval", splits.eval)):
         with open(data_dir / f"{name}_prompts.jsonl", "w") as f:
             f.writelines(json.dumps({"prompt": t.prompt}) + "\n" for t in tasks)
@@ -496,10 +493,9 @@ def tiny_world(tmp_path_factory):
     return {"data": str(data_dir), "out": str(out_dir), "config": config}
 
 
-def run_in_process(monkeypatch, capsys, *args):
+def run_ppo(monkeypatch, capsys, *args):
     """Run train_ppo the way the command line does (run_main), without a new interpreter."""
-    import train_ppo
-    return run_module(train_ppo, list(args), monkeypatch, capsys)
+    return run_in_process("train_ppo", list(args), monkeypatch, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -517,9 +513,8 @@ def smoke_run(tiny_world, tmp_path_factory):
 
 def test_smoke_preset_end_to_end(smoke_run):
     out, result = smoke_run
-    assert result.returncode == 0, f"train_ppo.py --preset smoke failed:\n{result.stdout[-2000:]}\n{result.stderr}"
-    for name in ("ppo.pt", "ppo_metrics.jsonl", "ppo_curves.png", "ppo_overopt.png"):
-        assert (out / name).exists(), f"{name} was not written"
+    assert_smoke_run_wrote(result, "train_ppo.py", out, ("ppo.pt", "ppo_metrics.jsonl", "ppo_curves.png",
+                                                         "ppo_overopt.png"))
 
     ckpt = load_checkpoint(out / "ppo.pt", kind="ppo")
     for field in ("value_model", "policy_optimizer", "value_optimizer", "kl_coef", "rng_state"):
@@ -549,8 +544,8 @@ def test_resume_continues_from_the_checkpoint(smoke_run, tiny_world, tmp_path, m
     out = tmp_path / "out"
     shutil.copytree(smoke_out, out)
     first = load_checkpoint(out / "ppo.pt", kind="ppo")
-    code, stdout, stderr = run_in_process(monkeypatch, capsys, "--preset", "smoke", "--data-dir", tiny_world["data"],
-                                          "--out-dir", str(out), "--device", "cpu", "--total-updates", "4", "--resume")
+    code, stdout, stderr = run_ppo(monkeypatch, capsys, "--preset", "smoke", "--data-dir", tiny_world["data"],
+                                   "--out-dir", str(out), "--device", "cpu", "--total-updates", "4", "--resume")
     assert code == 0, stderr
     assert "resumed from" in stdout and "at update 3" in stdout, stdout
     second = load_checkpoint(out / "ppo.pt", kind="ppo")
@@ -593,9 +588,9 @@ def test_the_scripts_own_loop_ratio_one_and_advantages(tiny_world, tmp_path, mon
 
     monkeypatch.setattr(train_ppo, "rollout_stats", watched_rollout_stats)
     monkeypatch.setattr(train_ppo, "ppo_policy_loss", watched_policy_loss)
-    code, _, stderr = run_in_process(monkeypatch, capsys, "--preset", "smoke", "--data-dir", tiny_world["data"],
-                                     "--out-dir", str(out), "--device", "cpu", "--eval-prompts", "0",
-                                     "--ppo-epochs", "2", "--num-minibatches", "2")
+    code, _, stderr = run_ppo(monkeypatch, capsys, "--preset", "smoke", "--data-dir", tiny_world["data"],
+                              "--out-dir", str(out), "--device", "cpu", "--eval-prompts", "0",
+                              "--ppo-epochs", "2", "--num-minibatches", "2")
     assert code == 0, stderr
     starts = [i for i, event in enumerate(events) if event[0] == "rollout"]
     assert len(starts) == 3, f"one rollout per update of the smoke preset, got {len(starts)}"
@@ -644,7 +639,7 @@ def test_bad_input_is_one_clear_line(case, tiny_world, tmp_path, monkeypatch, ca
     else:
         args += ["--clip-range=-0.1"]
         expected = "--clip-range: must be >= 0.0"
-    code, stdout, stderr = run_in_process(monkeypatch, capsys, *args)
+    code, stdout, stderr = run_ppo(monkeypatch, capsys, *args)
     assert code == 2, f"{case}: exit code {code}, expected 2; stderr: {stderr}"
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], f"{case}: expected one line containing {expected!r}, got {stderr!r}"

@@ -32,9 +32,9 @@ import torch
 from minirlhf import world
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
 from minirlhf.model import GPT, MODEL_PRESETS, GPTConfig, RewardModel
-from minirlhf.tokenizer import Tokenizer, chat_text, save_ranks, train_bpe
+from minirlhf.tokenizer import chat_text
+from helpers import run_in_process, toy_world
 from test_dpo import write_comparisons
-from test_stages import run_in_process as run_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -48,16 +48,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # (tests/conftest.py)
 def tiny_world(tmp_path_factory):
     """A data dir (tokenizer, corpus, demonstrations, prompt files) and an out dir holding untrained
     smoke-size base.pt, sft.pt and rm.pt: what every stage reads, in a few seconds."""
-    root = tmp_path_factory.mktemp("resume_world")
-    data_dir, out_dir = root / "data", root / "out"
-    data_dir.mkdir()
     splits = world.split_prompts(0)
     rng = random.Random(0)
     demos = [(t.prompt, world.good_response(t, rng)) for t in splits.sft[:120]]
     corpus = "\n".join(chat_text(prompt, response) for prompt, response in demos * 6)
+    data_dir, out_dir, tokenizer = toy_world(tmp_path_factory, "resume_world", corpus)
     (data_dir / "corpus.txt").write_text(corpus, encoding="utf-8")
-    save_ranks(train_bpe(corpus, 300), data_dir / "tokenizer.tiktoken")
-    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.tiktoken")
     with open(data_dir / "sft.jsonl", "w") as f:
         f.writelines(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in demos)
     for name, tasks in (("rm", splits.rm), ("ppo", splits.ppo), ("eval", splits.eval)):
@@ -71,11 +67,6 @@ def tiny_world(tmp_path_factory):
     save_checkpoint(out_dir / "rm.pt", kind="rm", model_state=RewardModel(config).state_dict(), reward_bias=0.1,
                     reward_gain=2.0, **common)
     return {"data": str(data_dir), "out": str(out_dir), "tokenizer": tokenizer}
-
-
-def run_in_process(module_name: str, args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """`python MODULE.py ARGS` in this process, through run_main: (exit code, stdout, stderr)."""
-    return run_module(__import__(module_name), args, monkeypatch, capsys)
 
 
 def interrupt_after_first_save(script: str, args: list[str], checkpoint: str, log_dir) -> subprocess.CompletedProcess:

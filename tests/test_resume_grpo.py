@@ -26,7 +26,8 @@ from minirlhf.checkpoint import load_checkpoint, load_policy
 from minirlhf.cli import UserError
 from minirlhf.metrics import read_metrics
 from minirlhf.ppo import save_run
-from test_resume import check_resume_reproduces, run_in_process, tiny_world  # noqa: F401 (a fixture)
+from helpers import run_in_process
+from test_resume import check_resume_reproduces, tiny_world  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # (tests/conftest.py)
 

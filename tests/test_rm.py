@@ -28,15 +28,15 @@ import torch.nn.functional as F
 
 from minirlhf import labeler, labeling, world
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
-from minirlhf.cli import run_main
 from minirlhf.cli import UserError
 from minirlhf.data import write_jsonl
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.ppo import score_rollout
 from minirlhf.reward import (MISSING_EOS_PENALTY, RewardScorer, task_reward, comparison_loss, encode_ranked, fit_normalisation, gold_agreement, score_rows,
                              load_reward_model, pairwise_accuracy, pairwise_counts)
-from minirlhf.tokenizer import Tokenizer, save_ranks, train_bpe
+from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import sample_responses
+from helpers import assert_smoke_run_wrote, run_in_process, toy_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -53,15 +53,11 @@ TINY = dict(n_layer=1, n_head=2, d_model=32, block_size=96)
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory):
     """data/ (tokenizer + rm_prompts.jsonl) and out/sft.pt, all tiny."""
-    root = tmp_path_factory.mktemp("rm_stage")
-    data_dir, out_dir = root / "data", root / "out"
-    data_dir.mkdir()
     rng = random.Random(0)
     tasks = world.all_tasks()
     text = " ".join(world.good_response(rng.choice(tasks), rng) for _ in range(300))
     text += " " + " ".join(t.prompt for t in tasks[::20])
-    save_ranks(train_bpe(text, 300), data_dir / "tokenizer.tiktoken")
-    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.tiktoken")
+    data_dir, out_dir, tokenizer = toy_world(tmp_path_factory, "rm_stage", text)
     by_family = {f: [t.prompt for t in tasks if t.family == f] for f in world.FAMILIES}
     prompts = [p for f in world.FAMILIES for p in by_family[f][:5]]   # 20 prompts, 5 per family
     write_jsonl(str(data_dir / "rm_prompts.jsonl"), [{"prompt": p} for p in prompts])
@@ -77,16 +73,10 @@ def random_rm(tokenizer, seed=0):
     return RewardModel(GPTConfig(vocab_size=tokenizer.vocab_size, **TINY)).eval()
 
 
-def run_script(monkeypatch, capsys, argv):
-    """Run train_rm.main() in-process as the command line would; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["train_rm.py", *argv])
-    code = 0
-    try:
-        run_main(train_rm.main)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def run_script(monkeypatch, capsys, argv, stdin=None):
+    """Run train_rm.main() in-process as the command line would, with `stdin` typed in if given;
+    returns (exit code, stdout, stderr)."""
+    return run_in_process(train_rm, argv, monkeypatch, capsys, stdin=stdin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,9 +490,8 @@ def test_smoke_run_writes_a_normalised_rm_and_its_outputs(stage, tmp_path):
             "--device", "cpu"]
     child = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert child.returncode == 0, f"train_rm.py --preset smoke failed:\n{child.stdout[-2000:]}\n{child.stderr[-3000:]}"
-    for name in ("rm.pt", "rm_comparisons.jsonl", "rm_metrics.jsonl", "rm_curves.png", "rm_scatter.png"):
-        assert (out_dir / name).exists(), f"{name} was not written"
+    assert_smoke_run_wrote(child, "train_rm.py", out_dir, ("rm.pt", "rm_comparisons.jsonl", "rm_metrics.jsonl",
+                                                           "rm_curves.png", "rm_scatter.png"))
     ckpt = load_checkpoint(out_dir / "rm.pt", kind="rm")
     assert set(ckpt["model"]) == set(RewardModel(stage["config"]).state_dict()), "rm.pt keys are not trunk.* + head.*"
     assert ckpt["rm_objective"] == "ranking" and ckpt["model_config"]["dropout"] == 0.0
@@ -549,12 +538,10 @@ def test_human_labeler_from_scripted_stdin(stage, tmp_path, monkeypatch, capsys)
     args = ["--preset", "smoke", "--data-dir", stage["data"], "--out-dir", str(tmp_path), "--device", "cpu",
             "--init", os.path.join(stage["out"], "sft.pt"), "--labeler", "human", "--num-comparisons", "3",
             "--responses-per-prompt", "2", "--val-fraction", "0", "--max-new-tokens", "8", "--degenerate-fraction", "0"]
-    monkeypatch.setattr(sys, "stdin", io.StringIO("1 1\n2 1\nq\n"))
-    code, out, _ = run_script(monkeypatch, capsys, args)
+    code, out, _ = run_script(monkeypatch, capsys, args, stdin="1 1\n2 1\nq\n")
     assert code == 0 and "each of 1..2 exactly once" in out and "saved 1 rankings" in out, out[-1500:]
     assert not (tmp_path / "rm.pt").exists(), "quitting must not train"
-    monkeypatch.setattr(sys, "stdin", io.StringIO("1 2\n12\n"))
-    code, out, err = run_script(monkeypatch, capsys, args)
+    code, out, err = run_script(monkeypatch, capsys, args, stdin="1 2\n12\n")
     assert code == 0, err
     assert "resuming: 1 rankings already saved" in out
     assert (tmp_path / "rm.pt").exists()

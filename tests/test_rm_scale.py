@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -27,12 +26,9 @@ import torch
 from minirlhf import stats
 from minirlhf.checkpoint import load_checkpoint
 from minirlhf.cli import UserError, run_main
+from helpers import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("rm_scale", os.path.join(ROOT, "experiments", "rm_scale.py"))
-rm_scale = importlib.util.module_from_spec(spec)
-sys.modules["rm_scale"] = rm_scale   # dataclasses look their module up while the file runs
-spec.loader.exec_module(rm_scale)
+rm_scale = load_script("rm_scale", "experiments/rm_scale.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,14 +104,6 @@ def test_bad_sizes_are_a_clear_error():
 
 # ---------------------------------------------------------------------------------------------
 # The ladder end to end
-
-
-def load_script(name: str, relative_path: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative_path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_in_process(main, *argv: str) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
-from minirlhf.cli import UserError, run_main
+from minirlhf.cli import UserError
 from minirlhf.losses import sft_loss
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import Tokenizer
@@ -38,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_base  # noqa: E402
 import train_sft  # noqa: E402
+from helpers import assert_one_error_line, load_script, run_in_process  # noqa: E402  (tests/helpers.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,11 +205,7 @@ def test_stages_prepare_writes_every_data_file(smoke):
 
 def test_stages_prepare_is_deterministic_across_processes(smoke, tmp_path, monkeypatch):
     """The same seed in another process (another PYTHONHASHSEED) gives byte-identical files."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("prepare_stage_test", os.path.join(ROOT, "data", "prepare.py"))
-    prepare = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = prepare
-    spec.loader.exec_module(prepare)
+    prepare = load_script("prepare_stage_test", "data/prepare.py")
     monkeypatch.setattr(sys, "argv", ["prepare.py", "--preset", "smoke", "--data-dir", str(tmp_path)])
     prepare.main()
     for name in ("corpus.txt", "sft.jsonl", "eval_prompts.jsonl", "tokenizer.tiktoken", "manifest.json"):
@@ -301,28 +298,6 @@ def test_stages_checkpoint_refuses_wrong_kind_and_tokenizer(smoke):
 
 # ----------------------------------------------------------------------------------------------
 # Bad input: one line, "error: ...", non-zero exit, no traceback, nothing damaged
-
-
-def run_in_process(module, argv, monkeypatch, capsys):
-    """What `python module.py ARGV` does, in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
-    code = 0
-    try:
-        run_main(module.main)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_error_line(code, stderr, *must_contain):
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert code != 0, "bad input should give a non-zero exit"
-    assert "Traceback" not in stderr, f"a traceback for bad input:\n{stderr}"
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
-    assert lines[0].startswith("error:") or ": error:" in lines[0], lines[0]
-    for text in must_contain:
-        assert text in lines[0], f"{text!r} not in the error line {lines[0]!r}"
 
 
 def test_stages_base_missing_data_dir(smoke, tmp_path, monkeypatch, capsys):

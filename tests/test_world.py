@@ -15,9 +15,7 @@ data/prepare.py runs in-process here (its smoke preset takes a fraction of a sec
 imported); tests/test_stages.py runs it as a real subprocess.
 """
 
-import importlib.util
 import json
-import os
 import random
 import sys
 from collections import Counter
@@ -26,8 +24,8 @@ import pytest
 
 from minirlhf import labeler, world
 from minirlhf.tokenizer import ASSISTANT_TOKEN, EOS_TOKEN, USER_TOKEN
+from helpers import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 1337
 DATA_FILES = ("corpus.txt", "sft.jsonl", "rm_prompts.jsonl", "ppo_prompts.jsonl", "eval_prompts.jsonl",
               "tokenizer.tiktoken", "manifest.json")
@@ -36,11 +34,7 @@ TRAINING_SETS = ("sft", "rm", "ppo", "corpus")
 
 def _load_prepare():
     """data/prepare.py is a script, not a package module: load it from its path."""
-    spec = importlib.util.spec_from_file_location("prepare_under_test", os.path.join(ROOT, "data", "prepare.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("prepare_under_test", "data/prepare.py")
 
 
 def run_prepare(data_dir, *extra: str) -> None:

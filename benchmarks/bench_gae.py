@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
+from benchmarks.common import call_times, peak_memory_of, run_child_process  # noqa: E402
 from minirlhf.kernels import gae  # noqa: E402
 
 
@@ -74,31 +72,6 @@ def make_batch(args, dtype, device):
 # ------------------------------------------------------------------------------------------------
 
 
-def proc_status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def peak_memory_of(call, device: torch.device) -> int:
-    """Peak bytes one ``call()`` adds to what was allocated before it (see the module docstring)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        call()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset VmHWM to the current RSS
-    before = proc_status_bytes("VmRSS")
-    call()
-    return proc_status_bytes("VmHWM") - before
-
-
 def measure_one(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,13 +82,9 @@ def measure_one(args) -> dict:
     def call():
         return gae(rewards, values, mask, args.gamma, args.lam, impl=IMPL_NAMES[impl])
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     call()  # warm-up (Triton compiles here)
     if what == "memory":
-        return {"peak_bytes": peak_memory_of(call, device)}
+        return peak_memory_of(call, device, fresh_process=True)
 
     # values: fp32 and fp64 against the fp64 loop
     expected = gae(*make_batch(args, torch.float64, device), args.gamma, args.lam, impl="reference")[0]
@@ -126,14 +95,7 @@ def measure_one(args) -> dict:
         checks["fp64_abs_err"] = float((got64 - expected).abs().max())
 
     repeats = args.repeats or (5 if impl == "loop" else 50)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"time_s": statistics.median(times), **checks}
+    return {"time_s": statistics.median(call_times(call, device, repeats)), **checks}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,13 +113,10 @@ def run_child(args, impl) -> dict:
             command += ["--repeats", str(args.repeats)]
         if args.threads:
             command += ["--threads", str(args.threads)]
-        env = dict(os.environ)
-        if what == "memory":
-            env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors go back to the OS: RSS = live tensors
-        completed = subprocess.run(command, capture_output=True, text=True, env=env)
-        if completed.returncode != 0:
-            return {"error": (completed.stderr.strip().splitlines() or ["?"])[-1]}
-        result.update(json.loads(completed.stdout.strip().splitlines()[-1]))
+        measured, error = run_child_process(command, measures_memory=what == "memory")
+        if error is not None:
+            return {"error": error}
+        result.update(measured)
     return result
 
 
@@ -183,7 +142,8 @@ def main() -> None:
             continue
         speedup = baseline["time_s"] / result["time_s"] if "time_s" in baseline else float("nan")
         fp64 = f"{result['fp64_abs_err']:.1e}" if "fp64_abs_err" in result else "-"
-        print(f"{impl:>7} {result['time_s'] * 1e3:>10.3f} {speedup:>8.1f}x {result['peak_bytes'] / 1e3:>8.0f}  "
+        peak = f"{result['peak_bytes'] / 1e3:>8.0f}" if result["peak_bytes"] is not None else f"{'n/a':>8}"
+        print(f"{impl:>7} {result['time_s'] * 1e3:>10.3f} {speedup:>8.1f}x {peak}  "
               f"{result['fp32_rel_err']:>14.1e} {fp64:>14}")
     print("\nspeedup: the loop's time / this time. Errors: against the loop in fp64 (fp32 errors relative "
           "to the largest advantage).")

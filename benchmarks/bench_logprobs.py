@@ -45,17 +45,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
+from benchmarks.common import call_times, peak_memory_of, run_child_process  # noqa: E402
 from minirlhf.kernels import token_logprobs, triton_is_available  # noqa: E402
 
 IMPLS = ("plain", "rowloop", "fused", "compile", "triton", "triton_tiled")
@@ -165,47 +163,6 @@ def skip_reason(impl: str, device: str) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 
-def proc_status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0); False if refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_of(call, device: torch.device, fresh_process: bool) -> dict:
-    """Peak memory (bytes) that one ``call()`` adds to what was allocated before it, and how.
-
-    ``call`` has already run once (warm-up). On the CPU this needs a fresh process started with
-    ``MALLOC_MMAP_THRESHOLD_`` set (see the module docstring); otherwise no figure is given.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        call()
-        torch.cuda.synchronize()
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - before,
-                "memory_method": "torch.cuda.max_memory_allocated"}
-    if fresh_process and reset_peak_rss():
-        before = proc_status_bytes("VmRSS")
-        call()
-        return {"peak_bytes": proc_status_bytes("VmHWM") - before,
-                "memory_method": "VmHWM after clear_refs (MALLOC_MMAP_THRESHOLD_=65536)"}
-    return {"peak_bytes": None, "memory_method": "none (CPU without a fresh process)"}
-
-
 def make_inputs(variant: dict, device: torch.device):
     """Seeded hidden (N, d), weight (V, d) with logits of std ``variant["std"]``, targets, upstream."""
     n_tokens, hidden_size, vocab_size = variant["shape"]
@@ -237,10 +194,6 @@ def measure_variant(variant: dict, what: list[str], device: torch.device, repeat
                 logprobs = function(hidden, weight, targets)
         return logprobs
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     # warm-up (thread pools, compilation), kept for the checksums that the "check" column compares
     logprobs = call()
     result = {"logprobs_sum": float(logprobs.detach().double().sum())}
@@ -252,14 +205,7 @@ def measure_variant(variant: dict, what: list[str], device: torch.device, repeat
     if "memory" in what:
         result.update(peak_memory_of(call, device, fresh_process))
     if "time" in what:
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            call()
-            sync()
-            times.append(time.perf_counter() - start)
-        result["time_s"] = statistics.median(times)
+        result["time_s"] = statistics.median(call_times(call, device, repeats))
     return result
 
 
@@ -294,16 +240,10 @@ def run_group(args, variants: list[dict], what: list[str]) -> list[dict]:
     command = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats), "--child", spec]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    env = dict(os.environ)
-    if args.device == "cpu" and "memory" in what:
-        # glibc: every allocation >= 64 KiB gets its own mapping, returned to the OS on free, so the
-        # resident size tracks live tensors (timing runs keep malloc's defaults)
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    completed = subprocess.run(command, capture_output=True, text=True, env=env)
-    if completed.returncode != 0:
-        reason = (completed.stderr.strip().splitlines() or [f"exit code {completed.returncode}"])[-1]
-        return [{"error": f"process failed: {reason[:200]}"} for _ in variants]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    results, error = run_child_process(command, measures_memory=args.device == "cpu" and "memory" in what)
+    if error is not None:
+        return [{"error": f"process failed: {error[:200]}"} for _ in variants]
+    return results
 
 
 def device_line(args) -> str:

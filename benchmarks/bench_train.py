@@ -56,13 +56,13 @@ import importlib.util
 import os
 import re
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from anywhere
 
+from benchmarks.common import call_times  # noqa: E402
 from minirlhf.kernels import KERNEL_IMPLS  # noqa: E402
 from minirlhf.model import GPT, MODEL_PRESETS, GPTConfig  # noqa: E402
 from minirlhf.runtime import setup_runtime  # noqa: E402
@@ -123,23 +123,12 @@ def preset_settings(preset: str) -> dict:
     return {**base, "vocab_size": data["vocab_size"] + len(SPECIAL_TOKENS)}
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_peak_gflops(n: int, repeats: int, device: torch.device) -> float:
     """Best fp32 GFLOP/s over `repeats` n x n matmuls (the CPU denominator)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     out = torch.empty(n, n, device=device)
     torch.mm(a, b, out=out)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
+    best = min(call_times(lambda: torch.mm(a, b, out=out), device, repeats), default=float("inf"))
     return 2 * n**3 / best / 1e9
 
 
@@ -173,13 +162,9 @@ def measure(preset: str, dtype: str, compiled: bool, settings: dict, args) -> di
     # warm-up: the allocator, AdamW's state, cuBLAS/Triton autotuning and torch.compile's compilation
     for _ in range(args.warmup):
         training_step(model, train_model, optimizer, inputs, targets, settings["grad_clip"])
-    times = []
-    for _ in range(args.steps):
-        synchronize(device)  # the GPU runs asynchronously: time what it did, not what was queued
-        start = time.perf_counter()
-        training_step(model, train_model, optimizer, inputs, targets, settings["grad_clip"])
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = call_times(
+        lambda: training_step(model, train_model, optimizer, inputs, targets, settings["grad_clip"]), device, args.steps
+    )
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if compiled:
         torch._dynamo.reset()  # the next row compiles its own model from scratch

@@ -186,6 +186,16 @@ def finish_softmax_stats(stats: SoftmaxStats) -> tuple[torch.Tensor, torch.Tenso
     return lse, entropy
 
 
+def save_logprobs_context(ctx, hidden, weight, targets, lse, entropy, inv_temperature, with_entropy) -> None:
+    """The end of every token-logprobs Function's forward (this one and the Triton ones): keep what
+    backward needs; an unused output's gradient arrives as None; no gradient for an unrequested entropy."""
+    ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+    ctx.inv_temperature, ctx.with_entropy = inv_temperature, with_entropy
+    ctx.set_materialize_grads(False)
+    if not with_entropy:
+        ctx.mark_non_differentiable(entropy)
+
+
 class FusedTokenLogprobs(torch.autograd.Function):
     """Chunked LM head + log-softmax + gather, with a backward that recomputes the chunks.
 
@@ -225,13 +235,8 @@ class FusedTokenLogprobs(torch.autograd.Function):
         target_logits = (scaled_hidden * weight.index_select(0, targets)).sum(dim=1)
         logprobs = target_logits - lse
 
-        ctx.save_for_backward(scaled_hidden, weight, targets, lse, entropy)
-        ctx.inv_temperature = inv_temperature
-        ctx.with_entropy = with_entropy
+        save_logprobs_context(ctx, scaled_hidden, weight, targets, lse, entropy, inv_temperature, with_entropy)
         ctx.vocab_block, ctx.token_block = vocab_block, token_block
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        if not with_entropy:
-            ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod

@@ -24,7 +24,8 @@ tile solved by ``tl.associative_scan`` over the linear recurrence, with a carry 
 
 `triton_tiled.py` holds a second token-logprobs kernel (tensor cores, a backward without atomics),
 opt-in with ``impl="triton_tiled"`` until a GPU has measured it; it is re-exported here, so that
-this module is the one place the dispatch imports Triton code from.
+this module is the one place the dispatch imports Triton code from. `triton_common.py` holds what
+the two share: the backward's dL/dz of a logits tile and the split of the vocabulary into shares.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from minirlhf.kernels.logprobs import finish_softmax_stats
+from minirlhf.kernels.logprobs import finish_softmax_stats, save_logprobs_context
+from minirlhf.kernels.triton_common import grad_logits_tile, refuse_float64, vocab_shares
 from minirlhf.kernels.triton_tiled import TileSizes, triton_tiled_token_logprobs_rows  # noqa: F401
 
 # ------------------------------------------------------------------------------------------------
@@ -139,18 +141,9 @@ def _logprobs_backward_kernel(
         hidden_ptr, weight_ptr, rows, cols, n_tokens, vocab_size, hidden_size,
         stride_hn, stride_hd, stride_wv, stride_wd, BLOCK_N, BLOCK_V, BLOCK_D,
     ) * inv_temperature
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    grad_lp = tl.load(grad_lp_ptr + rows, mask=row_ok, other=0.0)
-    targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
-    log_probs = z - lse[:, None]
-    probs = tl.exp(log_probs)
-    coef = grad_lp[:, None]
-    if WITH_ENTROPY_GRAD:
-        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
-        grad_ent = tl.load(grad_ent_ptr + rows, mask=row_ok, other=0.0)
-        coef = coef + grad_ent[:, None] * (log_probs + entropy[:, None])
-    one_hot = tl.where(cols[None, :] == targets[:, None], grad_lp[:, None], 0.0)
-    grad_z = one_hot - probs * coef
+    grad_z = grad_logits_tile(
+        z, rows, cols, row_ok, targets_ptr, lse_ptr, entropy_ptr, grad_lp_ptr, grad_ent_ptr, WITH_ENTROPY_GRAD,
+    )
     grad_z = tl.where(row_ok[:, None] & col_ok[None, :], grad_z, 0.0) * inv_temperature
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -189,12 +182,7 @@ def _forward_stats(hidden, weight, inv_temperature, with_entropy, block_n, block
     n_tokens, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     n_tiles_n = triton.cdiv(n_tokens, block_n)
-    n_tiles_v = triton.cdiv(vocab_size, block_v)
-    # Split the vocabulary into shares so that the grid has a few programs per SM.
-    n_sm = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 4
-    want_parts = max(1, min(n_tiles_v, (4 * n_sm) // n_tiles_n))
-    tiles_per_part = triton.cdiv(n_tiles_v, want_parts)
-    n_parts = triton.cdiv(n_tiles_v, tiles_per_part)  # every share has at least one real tile
+    tiles_per_part, n_parts = vocab_shares(n_tiles_n, triton.cdiv(vocab_size, block_v), hidden.device)
     part_max = torch.empty((n_tokens, n_parts), dtype=torch.float32, device=hidden.device)
     part_sum = torch.empty_like(part_max)
     part_shift = torch.empty_like(part_max) if with_entropy else part_max  # unused without entropy
@@ -234,12 +222,8 @@ class TritonTokenLogprobs(torch.autograd.Function):
         target_logits = (hidden.float() * weight.index_select(0, targets).float()).sum(dim=1)
         logprobs = target_logits * inv_temperature - lse
 
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.inv_temperature, ctx.with_entropy = inv_temperature, with_entropy
+        save_logprobs_context(ctx, hidden, weight, targets, lse, entropy, inv_temperature, with_entropy)
         ctx.blocks = (block_n, block_v, block_d, num_warps)
-        ctx.set_materialize_grads(False)
-        if not with_entropy:
-            ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
@@ -292,8 +276,7 @@ def triton_token_logprobs_rows(
 
     Block sizes must be powers of two >= 16 (``tl.dot``'s minimum).
     """
-    if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
-        raise TypeError("the Triton path computes in fp32; use impl='fused' for float64 inputs")
+    refuse_float64(hidden, weight)
     return TritonTokenLogprobs.apply(
         hidden, weight, targets.contiguous(), float(inv_temperature), with_entropy,
         block_n, block_v, block_d, num_warps,

@@ -64,6 +64,8 @@ import triton
 import triton.language as tl
 
 from minirlhf.kernels.dispatch import triton_interpreter_enabled
+from minirlhf.kernels.logprobs import save_logprobs_context
+from minirlhf.kernels.triton_common import grad_logits_tile, n_sms, refuse_float64, vocab_shares
 
 # ------------------------------------------------------------------------------------------------
 # Shared pieces.
@@ -231,18 +233,9 @@ def _grad_logits_kernel(
         stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature,
         BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
     )
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    grad_lp = tl.load(grad_lp_ptr + rows, mask=row_ok, other=0.0)
-    targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
-    log_probs = z - lse[:, None]
-    probs = tl.exp(log_probs)
-    coef = grad_lp[:, None]
-    if WITH_ENTROPY_GRAD:
-        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
-        grad_ent = tl.load(grad_ent_ptr + rows, mask=row_ok, other=0.0)
-        coef = coef + grad_ent[:, None] * (log_probs + entropy[:, None])
-    one_hot = tl.where(cols[None, :] == targets[:, None], grad_lp[:, None], 0.0)
-    grad_z = (one_hot - probs * coef) * inv_temperature
+    grad_z = grad_logits_tile(
+        z, rows, cols, row_ok, targets_ptr, lse_ptr, entropy_ptr, grad_lp_ptr, grad_ent_ptr, WITH_ENTROPY_GRAD,
+    ) * inv_temperature
     tl.store(
         grad_logits_ptr + rows[:, None] * chunk_stride + local_cols[None, :],
         grad_z.to(grad_logits_ptr.dtype.element_ty),
@@ -353,11 +346,6 @@ def default_tiles(dot_dtype: torch.dtype) -> TileSizes:
     return TileSizes()
 
 
-def _n_sms(device: torch.device) -> int:
-    """Streaming multiprocessors, to size the grids (4 for the interpreter)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _dot_settings(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, bool, str]:
     """``(dot_dtype, upcast, precision)``: what ``tl.dot`` multiplies, and how.
 
@@ -382,11 +370,7 @@ def _forward(hidden, weight, targets, inv_temperature, with_entropy, tiles, upca
     vocab_size = weight.shape[0]
     device = hidden.device
     n_tiles_n = triton.cdiv(n_tokens, tiles.block_n)
-    n_tiles_v = triton.cdiv(vocab_size, tiles.block_v)
-    # enough vocabulary shares for a few programs per SM; every share gets at least one real tile
-    want_parts = max(1, min(n_tiles_v, MAX_PARTS, (4 * _n_sms(device)) // n_tiles_n))
-    tiles_per_part = triton.cdiv(n_tiles_v, want_parts)
-    n_parts = triton.cdiv(n_tiles_v, tiles_per_part)
+    tiles_per_part, n_parts = vocab_shares(n_tiles_n, triton.cdiv(vocab_size, tiles.block_v), device, MAX_PARTS)
     part_max = torch.empty((n_parts, n_tokens), dtype=torch.float32, device=device)
     part_sum = torch.empty_like(part_max)
     part_target = torch.empty_like(part_max)
@@ -425,7 +409,7 @@ def _backward(hidden, weight, targets, lse, entropy, grad_lp, grad_ent, inv_temp
     n_tokens, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     device = hidden.device
-    n_sms = _n_sms(device)
+    sm_count = n_sms(device)
     chunk = tiles.vocab_chunk or triton.cdiv(triton.cdiv(vocab_size, VOCAB_CHUNKS), tiles.block_v) * tiles.block_v
     chunk = min(chunk, triton.cdiv(vocab_size, tiles.block_v) * tiles.block_v)
     grad_logits = torch.empty((n_tokens, chunk), dtype=dot_dtype, device=device)  # dz of one chunk
@@ -454,7 +438,7 @@ def _backward(hidden, weight, targets, lse, entropy, grad_lp, grad_ent, inv_temp
             weight_programs = triton.cdiv(width, block_m) * tiles_d if need_weight else 0
             return hidden_programs, weight_programs
 
-        block_m, block_n, num_warps = _gemm_tiles(tiles, sum(n_programs(tiles.gemm_m, tiles.gemm_n)), n_sms)
+        block_m, block_n, num_warps = _gemm_tiles(tiles, sum(n_programs(tiles.gemm_m, tiles.gemm_n)), sm_count)
         hidden_programs, weight_programs = n_programs(block_m, block_n)
         _grads_kernel[(hidden_programs + weight_programs,)](
             grad_logits, hidden, weight, grad_hidden, grad_weight,
@@ -484,12 +468,8 @@ class TiledTokenLogprobs(torch.autograd.Function):
         else:
             logprobs = lse = hidden.new_zeros(0, dtype=torch.float32)
             entropy = hidden.new_zeros(0, dtype=torch.float32)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.inv_temperature, ctx.with_entropy, ctx.tiles = inv_temperature, with_entropy, tiles
-        ctx.dot_settings = (dot_dtype, upcast, precision)
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        if not with_entropy:
-            ctx.mark_non_differentiable(entropy)
+        save_logprobs_context(ctx, hidden, weight, targets, lse, entropy, inv_temperature, with_entropy)
+        ctx.tiles, ctx.dot_settings = tiles, (dot_dtype, upcast, precision)
         return logprobs, entropy
 
     @staticmethod
@@ -529,8 +509,7 @@ def triton_tiled_token_logprobs_rows(
 
     Any layout (strides are passed to the kernels). ``tiles``: None for `default_tiles`.
     """
-    if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
-        raise TypeError("the Triton paths compute in fp32; use impl='fused' for float64 inputs")
+    refuse_float64(hidden, weight)
     return TiledTokenLogprobs.apply(
         hidden, weight, targets.contiguous(), float(inv_temperature), with_entropy, tiles
     )

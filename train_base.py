@@ -56,10 +56,6 @@ class BaseConfig(StageConfig):
     d_model: int = option(0, "width (0: the preset's)", min=0)
     n_head: int = option(0, "attention heads (0: the preset's)", min=0)
 
-    def __post_init__(self):
-        if self.min_lr > self.lr:
-            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would decay upwards")
-
 
 PRESETS = {
     "smoke": dict(max_steps=30, batch_size=8, seq_len=64, eval_every=15, eval_batches=2, sample_every=30,

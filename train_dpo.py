@@ -46,9 +46,9 @@ import torch
 
 from minirlhf import labeling
 from minirlhf.checkpoint import load_policy, load_resume_checkpoint, save_checkpoint
-from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
+from minirlhf.cli import UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, pad_sequences, read_prompts
-from minirlhf.evaluation import HeldOutEvaluation
+from minirlhf.evaluation import HeldOutEvaluation, PolicyConfig
 from minirlhf.losses import DPO_LOSS_TYPES, dpo_loss
 from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.plots import plot_curves
@@ -62,8 +62,7 @@ EVAL_BATCH_SIZE = 64     # PPO's tiny --batch-size: same prompts, seed and batch
 
 
 @dataclass
-class DPOConfig(StageConfig):
-    init: str = option("", "policy to start from, also the frozen reference (default: OUT_DIR/sft.pt)")
+class DPOConfig(PolicyConfig):
     comparisons: str = option("", "preference JSONL, ranked or chosen/rejected (default: OUT_DIR/rm_comparisons.jsonl, "
                                   "written by train_rm.py)")
     beta: float = option(0.5, "the KL coefficient the implicit reward beta*log(pi/pi_ref) assumes (small: the policy "
@@ -81,19 +80,15 @@ class DPOConfig(StageConfig):
     weight_decay: float = option(0.0, "AdamW weight decay on 2-D weights", min=0.0)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
     eval_every: int = option(25, "held-out gold evaluation every N steps (0: only at the start and the end)", min=0)
-    eval_prompts: int = option(48, "held-out prompts per evaluation, evenly spaced in the file (0: none)", min=0)
-    eval_samples: int = option(2, "samples per held-out prompt", min=1)
-    max_new_tokens: int = option(48, "response budget of the held-out samples", min=1)
     save_every: int = option(50, "write dpo.pt every N steps (and at the end)", min=1)
 
     def __post_init__(self):   # parse_config reports these as a bad flag: one line, exit 2
+        super().__post_init__()
         if self.label_smoothing >= 0.5:
             raise ValueError(f"--label-smoothing must be < 0.5 (a label flipped half the time says nothing), "
                              f"got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError("--label-smoothing (cDPO) goes with --loss-type sigmoid")
-        if self.min_lr > self.lr:
-            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would decay upwards")
 
 
 PRESETS = {

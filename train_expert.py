@@ -47,9 +47,9 @@ import torch
 
 from minirlhf import labeling
 from minirlhf.checkpoint import load_policy, load_resume_checkpoint, save_checkpoint
-from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
+from minirlhf.cli import UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, read_prompts, sft_batch
-from minirlhf.evaluation import HeldOutEvaluation
+from minirlhf.evaluation import HeldOutEvaluation, PolicyConfig
 from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.plots import plot_curves
 from minirlhf.reward import load_reward_model
@@ -62,15 +62,13 @@ EVAL_BATCH_SIZE = 64     # PPO's tiny --batch-size: the same prompts, seed and b
 
 
 @dataclass
-class ExpertConfig(StageConfig):
-    init: str = option("", "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)")
+class ExpertConfig(PolicyConfig):
     reward_model: str = option("", "reward model checkpoint (default: OUT_DIR/rm.pt)")
     prompts: str = option("", "prompts to sample (default: DATA_DIR/ppo_prompts.jsonl)")
     rounds: int = option(2, "sample -> select -> distil rounds, each from the policy so far", min=1)
     prompts_per_round: int = option(512, "prompts sampled per round", min=1)
     n: int = option(4, "samples per prompt; the RM keeps the best one", min=2)
     temperature: float = option(1.0, "sampling temperature", min=0.05)
-    max_new_tokens: int = option(48, "response budget in tokens", min=1)
     sample_batch_size: int = option(256, "sequences sampled at once", min=1)
     epochs: int = option(2, "passes over each round's chosen responses", min=1)
     batch_size: int = option(32, "examples per step, over all processes", min=1)
@@ -78,13 +76,7 @@ class ExpertConfig(StageConfig):
     min_lr: float = option(5e-6, "learning rate at the end of each round's cosine decay (<= --lr)", min=0.0)
     warmup_steps: int = option(3, "linear warmup steps of each round", min=0)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
-    eval_prompts: int = option(48, "held-out prompts per evaluation, evenly spaced in the file (0: none)", min=0)
-    eval_samples: int = option(2, "samples per held-out prompt", min=1)
     save_every: int = option(20, "write expert.pt every N steps (and at the end)", min=1)
-
-    def __post_init__(self):   # parse_config reports it as a bad flag: one line, exit 2
-        if self.min_lr > self.lr:
-            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would decay upwards")
 
 
 PRESETS = {

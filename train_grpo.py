@@ -94,14 +94,14 @@ from dataclasses import dataclass
 import torch
 
 from minirlhf.checkpoint import load_policy
-from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
+from minirlhf.cli import UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, read_prompts
 from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.losses import (FixedKLController, grpo_advantages, kl_penalty, masked_mean, ppo_policy_loss,
                              rloo_advantages)
 from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.plots import plot_curves
-from minirlhf.ppo import (Rollout, draw_prompts, fit_gold_normaliser, mean_over_minibatches, means_over_ranks,
+from minirlhf.ppo import (RLConfig, Rollout, draw_prompts, fit_gold_normaliser, mean_over_minibatches, means_over_ranks,
                           minibatch_orders, minibatch_stats, optimizer_step, policy_logprobs, resume_run,
                           rollout_logprobs, save_run, score_rollout, token_share)
 from minirlhf.reward import load_reward_model
@@ -113,36 +113,17 @@ ADVANTAGES = ("grpo", "drgrpo", "rloo")
 
 
 @dataclass
-class GRPOConfig(StageConfig):
-    init: str = option("", "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)")
-    reward_model: str = option("", "reward model checkpoint (default: OUT_DIR/rm.pt)")
-    prompts: str = option("", "RL prompts JSONL (default: DATA_DIR/ppo_prompts.jsonl)")
+class GRPOConfig(RLConfig):
+    """GRPO's and RLOO's own options; the ones shared with PPO are `RLConfig`'s (minirlhf/ppo.py)."""
+
     advantage: str = option("grpo", "the group baseline: grpo ((s - mean) / std), drgrpo (s - mean) or rloo (s - mean "
                                     "of the others; writes rloo.pt)", choices=list(ADVANTAGES))
-    reward: str = option("rm", "what is maximised: rm (the learned reward model) or gold (the gold labeler itself: the "
-                               "upper bound)", choices=["rm", "gold"])
-    total_updates: int = option(48, "updates (one batch of groups each)", min=1)
     batch_size: int = option(16, "prompts per update (all processes together)", min=1)
     group_size: int = option(4, "k: responses sampled per prompt (the group)", min=2)
-    num_minibatches: int = option(4, "minibatches per epoch (of responses)", min=1)
-    ppo_epochs: int = option(2, "passes over each batch", min=1)
-    lr: float = option(1e-4, "policy learning rate (AdamW)", above=0.0)
-    min_lr_ratio: float = option(0.1, "the learning rate decays (cosine) to this fraction", min=0.0, max=1.0)
-    warmup_updates: int = option(2, "linear learning-rate warmup, in updates", min=0)
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)", min=0.0)
-    clip_range: float = option(0.2, "PPO ratio clip epsilon", min=0.0)
     kl_mode: str = option("reward", "where the KL to the SFT model goes: loss (beta * k3 per token in the loss, GRPO) "
                                     "or reward (score - beta * summed k1, before the group baseline)", choices=["loss", "reward"])
     kl_coef: float = option(0.2, "KL coefficient beta (fixed)", min=0.0)
     eps: float = option(1e-4, "added to the group std (--advantage grpo)", min=0.0)
-    temperature: float = option(1.0, "sampling temperature (logprobs use it too)", min=0.05)
-    max_new_tokens: int = option(48, "response budget in tokens", min=1)
-    missing_eos_penalty: float = option(-1.0, "score of a response with no EOS (normalised RM units)")
-    eval_every: int = option(16, "held-out evaluation every N updates (0: only at the start and the end)", min=0)
-    eval_prompts: int = option(48, "held-out prompts per evaluation, evenly spaced in the file (0: none)", min=0)
-    eval_samples: int = option(2, "samples per held-out prompt", min=1)
-    sample_every: int = option(10, "print one group every N updates", min=1)
-    save_every: int = option(20, "write grpo.pt/rloo.pt every N updates (and at the end)", min=1)
 
 
 PRESETS = {

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from minirlhf.checkpoint import load_policy
-from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
+from minirlhf.cli import UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import evenly_spaced, random_windows, read_prompts, read_text
 from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.kernels import gae
@@ -52,8 +52,8 @@ from minirlhf.losses import (AdaptiveKLController, FixedKLController, kl_shaped_
                              ppo_policy_loss, ppo_value_loss)
 from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.plots import plot_curves, plot_overoptimisation
-from minirlhf.ppo import (Rollout, critic_from_policy, critic_from_reward_model, critic_values, draw_prompts,
-                          fit_gold_normaliser, mean_over_minibatches, minibatch_orders, minibatch_stats,
+from minirlhf.ppo import (RLConfig, Rollout, critic_from_policy, critic_from_reward_model, critic_values,
+                          draw_prompts, fit_gold_normaliser, mean_over_minibatches, minibatch_orders, minibatch_stats,
                           optimizer_step, policy_logprobs, resume_run, rollout_logprobs, rollout_stats,
                           rollout_values, save_run, score_rollout, token_share)
 from minirlhf.reward import load_reward_model
@@ -63,24 +63,14 @@ from minirlhf.training import cosine_lr, lm_loss, sample_responses
 
 
 @dataclass
-class PPOConfig(StageConfig):
-    init: str = option("", "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)")
-    reward_model: str = option("", "reward model checkpoint (default: OUT_DIR/rm.pt)")
-    prompts: str = option("", "RL prompts JSONL (default: DATA_DIR/ppo_prompts.jsonl)")
-    reward: str = option("rm", "what PPO maximises: rm (the learned reward model) or gold (the gold labeler itself: the"
-                               " upper bound)", choices=["rm", "gold"])
-    total_updates: int = option(48, "PPO updates (one rollout batch each)", min=1)
+class PPOConfig(RLConfig):
+    """PPO's own options. The ones it shares with GRPO (prompts, updates, epochs x minibatches, lr,
+    --clip-range, sampling, evaluation) are `RLConfig`'s (minirlhf/ppo.py); `--help` lists them all."""
+
     batch_size: int = option(64, "prompts (one response each) per rollout", min=1)
-    num_minibatches: int = option(4, "minibatches per PPO epoch", min=1)
-    ppo_epochs: int = option(2, "passes over each rollout batch", min=1)
-    lr: float = option(1e-4, "policy learning rate (AdamW)", above=0.0)
     value_lr: float = option(2e-4, "critic learning rate (AdamW)", min=0.0)
     critic_freeze_layers: int = option(2, "freeze the critic's embeddings and lowest N blocks (a cheaper backward pass;"
                                           " 0: train all)", min=0)
-    min_lr_ratio: float = option(0.1, "both learning rates decay (cosine) to this fraction", min=0.0, max=1.0)
-    warmup_updates: int = option(2, "linear learning-rate warmup, in updates", min=0)
-    grad_clip: float = option(1.0, "clip each model's gradient norm to this (0: off)", min=0.0)
-    clip_range: float = option(0.2, "PPO ratio clip epsilon", min=0.0)
     clip_range_value: float = option(0.2, "value clip: how far a value may move from its rollout-time prediction", min=0.0)
     gamma: float = option(1.0, "GAE discount", min=0.0, max=1.0)
     lam: float = option(0.95, "GAE lambda", min=0.0, max=1.0)
@@ -90,17 +80,9 @@ class PPOConfig(StageConfig):
     kl_horizon: float = option(1000.0, "adaptive controller horizon, in samples", min=1.0)
     kl_estimator: str = option("k1", "per-token KL estimator in the reward", choices=["k1", "k2", "k3"])
     target_kl: float = option(0.0, "stop an update early when a minibatch's approximate KL exceeds this (0: off)", min=0.0)
-    temperature: float = option(1.0, "sampling temperature (logprobs use it too)", min=0.05)
-    max_new_tokens: int = option(48, "response budget in tokens", min=1)
-    missing_eos_penalty: float = option(-1.0, "score of a response with no EOS (normalised RM units)")
     ptx_coef: float = option(0.0, "weight of the pretraining LM loss (InstructGPT's PPO-ptx); 0: off", min=0.0)
     ptx_batch_size: int = option(8, "pretraining windows per minibatch (PPO-ptx)", min=1)
     ptx_seq_len: int = option(64, "pretraining window length (PPO-ptx)", min=2)
-    eval_every: int = option(16, "held-out evaluation every N updates (0: only at the start and the end)", min=0)
-    eval_prompts: int = option(48, "held-out prompts per evaluation, evenly spaced in the file (0: none)", min=0)
-    eval_samples: int = option(2, "samples per held-out prompt", min=1)
-    sample_every: int = option(10, "print a few samples every N updates", min=1)
-    save_every: int = option(20, "write ppo.pt every N updates (and at the end)", min=1)
 
 
 PRESETS = {

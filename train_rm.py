@@ -55,11 +55,12 @@ from minirlhf import labeling, world
 from minirlhf.checkpoint import load_checkpoint, load_resume_checkpoint, save_checkpoint
 from minirlhf.cli import StageConfig, UserError, make_out_dir, option, parse_config, print_config, run_main
 from minirlhf.data import read_prompts
+from minirlhf.losses import ranking_reward_loss
 from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.model import GPT, GPTConfig, RewardModel
 from minirlhf.plots import plot_curves, plot_scatter
-from minirlhf.reward import (RewardScorer, batch_share, comparison_loss, encode_ranked, fit_normalisation,
-                             gold_agreement, pairwise_counts)
+from minirlhf.reward import (RewardScorer, batch_share, classifier_objective, comparison_loss, encode_ranked,
+                             fit_normalisation, gold_agreement, pairwise_counts, score_comparisons)
 from minirlhf.tokenizer import Tokenizer, render_chat
 from minirlhf.training import check_finite, cosine_lr, sample_responses
 from minirlhf.runtime import setup_runtime
@@ -94,10 +95,6 @@ class RMConfig(StageConfig):
     eval_every: int = option(10, "held-out loss and accuracy every N steps", min=1)
     norm_samples: int = option(256, "SFT samples that fit the normalisation when training on a --comparisons file", min=2)
     save_every: int = option(20, "write rm.pt every N training steps (and at the end)", min=1)
-
-    def __post_init__(self):
-        if self.min_lr > self.lr:
-            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would decay upwards")
 
 
 PRESETS = {
@@ -367,9 +364,16 @@ def main() -> None:
                     group["lr"] = lr
                 share, weight = batch_share(runtime, order[first:first + cfg.batch_size])   # this rank's part
                 tiers = [train_tiers[i] for i in share]                                     # of the global batch
-                loss, rewards = comparison_loss(train_model, [train_encoded[i] for i in share], cfg.rm_objective,
-                                                tokenizer.pad_id, tiers)
-                record = train_metrics(runtime, loss, rewards, tiers, weight)
+                # every response of each comparison scored: rewards (B_r, K) best first, r = RM(prompt, response)
+                rewards, valid, tier_grid = score_comparisons(train_model, [train_encoded[i] for i in share],
+                                                              tokenizer.pad_id, tiers)
+                if cfg.rm_objective == "ranking":
+                    # InstructGPT eq. 1, per prompt: 1/C(K,2) * sum over pairs i above j (ties left out) of
+                    # -log sigmoid(r_i - r_j); then the mean over prompts (each prompt one batch element)
+                    loss = ranking_reward_loss(rewards, valid, tier_grid)
+                else:   # good/bad classifier: best -> 1, worst -> 0, cross-entropy on the logit margin
+                    loss = classifier_objective(rewards, valid)
+                record = train_metrics(runtime, loss, rewards.detach().masked_fill(~valid, math.nan), tiers, weight)
                 # the global loss, the same on every rank: all of them stop together on a NaN
                 check_finite(torch.tensor(record["loss/train"]), step)
                 optimizer.zero_grad(set_to_none=True)

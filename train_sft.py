@@ -57,10 +57,6 @@ class SFTConfig(StageConfig):
     report_prompts: int = option(111, "held-out prompts sampled at the end for the gold-labeler summary (0: skip)", min=0)
     save_every: int = option(50, "write sft.pt every N steps (and at the end)", min=1)
 
-    def __post_init__(self):
-        if self.min_lr > self.lr:
-            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would decay upwards")
-
 
 PRESETS = {
     "smoke": dict(epochs=1, batch_size=8, eval_every=5, report_prompts=8, max_new_tokens=24, save_every=10),

@@ -3,19 +3,20 @@
 A script's options are one dataclass, one line per option, and a few presets:
 
     @dataclass
-    class SFTConfig(StageConfig):        # preset, data_dir, out_dir, device, dtype, seed, ... come with it
+    class ExampleConfig(StageConfig):    # preset, data_dir, out_dir, device, dtype, seed, ... come with it
         epochs: int = option(4, "passes over the demonstrations", min=1)
         lr: float = option(5e-4, "peak learning rate (AdamW)", above=0.0)
-        min_lr: float = option(3e-5, "learning rate at the end of the cosine decay", min=0.0)
+        val_fraction: float = option(0.1, "share of demonstrations held out", min=0.0, max=0.5)
 
         def __post_init__(self):         # checks across options
-            if self.min_lr > self.lr:
-                raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
+            super().__post_init__()      # StageConfig's: --min-lr <= --lr
+            if self.epochs > 1 and self.val_fraction == 0:
+                raise ValueError("--epochs > 1 needs a held-out share to watch (--val-fraction)")
 
     PRESETS = {"smoke": dict(epochs=1), "tiny": {}, "small": dict(epochs=3, lr=1e-4)}
 
     def main():
-        cfg = parse_config(SFTConfig, PRESETS, description=__doc__)
+        cfg = parse_config(ExampleConfig, PRESETS, description=__doc__)
         ...
 
     if __name__ == "__main__":
@@ -172,6 +173,12 @@ class StageConfig:
     kernels: str = option("auto", "logprob/GAE kernels: auto (fused) or reference", choices=["auto", "reference"])
     resume: bool = option(False, "continue an interrupted run from this stage's checkpoint in OUT_DIR")
     debug: bool = option(False, "show tracebacks")
+
+    def __post_init__(self):
+        """Checks across options (parse_config reports a ValueError as a bad flag). A stage with a
+        cosine schedule from --lr down to --min-lr must not decay upwards."""
+        if getattr(self, "min_lr", 0.0) > getattr(self, "lr", math.inf):
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule would decay upwards")
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from minirlhf import labeler, world
+from minirlhf.cli import StageConfig, option
 from minirlhf.labeling import RankedComparison
 from minirlhf.metrics import read_metrics
 from minirlhf.reward import gold_agreement, task_reward
@@ -195,6 +196,17 @@ def evaluate_policy(policy, ref_policy, tokenizer, prompts: list[str], *, sample
     result = {f"eval/{key}": value for key, value in summarize(graded).items() if not key.startswith("share_")}
     result["samples"] = list(zip(graded.prompts, graded.texts, graded.gold.tolist()))
     return result
+
+
+@dataclass
+class PolicyConfig(StageConfig):
+    """The options of every method that trains the SFT policy further (PPO, GRPO/RLOO, DPO, expert
+    iteration): where it starts, and the held-out evaluation it runs as it trains."""
+
+    init: str = option("", "policy to start from, also the KL reference (default: OUT_DIR/sft.pt)")
+    max_new_tokens: int = option(48, "response budget in tokens", min=1)
+    eval_prompts: int = option(48, "held-out prompts per evaluation, evenly spaced in the file (0: none)", min=0)
+    eval_samples: int = option(2, "samples per held-out prompt", min=1)
 
 
 class HeldOutEvaluation:

@@ -57,7 +57,8 @@ import torch
 
 from minirlhf import labeler
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
-from minirlhf.cli import UserError
+from minirlhf.cli import UserError, option
+from minirlhf.evaluation import PolicyConfig
 from minirlhf.losses import masked_mean
 from minirlhf.model import GPT, ValueModel
 from minirlhf.reward import MISSING_EOS_PENALTY, task_reward
@@ -65,6 +66,7 @@ from minirlhf.runtime import Runtime
 from minirlhf.training import check_finite, response_logprobs
 
 __all__ = [
+    "RLConfig",
     "Rollout",
     "Minibatch",
     "draw_prompts",
@@ -87,6 +89,37 @@ __all__ = [
     "critic_from_reward_model",
     "critic_from_policy",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The options PPO and GRPO/RLOO share
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RLConfig(PolicyConfig):
+    """The options of online RL against the reward model, shared by train_ppo.py and train_grpo.py:
+    the prompts, the updates (epochs x minibatches of a clipped ratio), the learning-rate schedule,
+    sampling, and the periodic evaluation. Each script's config adds its own (PPO: the critic, GAE,
+    the KL controller; GRPO: the group)."""
+
+    reward_model: str = option("", "reward model checkpoint (default: OUT_DIR/rm.pt)")
+    prompts: str = option("", "RL prompts JSONL (default: DATA_DIR/ppo_prompts.jsonl)")
+    reward: str = option("rm", "what is maximised: rm (the learned reward model) or gold (the gold labeler itself: "
+                               "the upper bound)", choices=["rm", "gold"])
+    total_updates: int = option(48, "updates (one batch of rollouts each)", min=1)
+    num_minibatches: int = option(4, "minibatches per epoch", min=1)
+    ppo_epochs: int = option(2, "passes over each batch", min=1)
+    lr: float = option(1e-4, "policy learning rate (AdamW)", above=0.0)
+    min_lr_ratio: float = option(0.1, "learning rates decay (cosine) to this fraction", min=0.0, max=1.0)
+    warmup_updates: int = option(2, "linear learning-rate warmup, in updates", min=0)
+    grad_clip: float = option(1.0, "clip each model's gradient norm to this (0: off)", min=0.0)
+    clip_range: float = option(0.2, "ratio clip epsilon", min=0.0)
+    temperature: float = option(1.0, "sampling temperature (logprobs use it too)", min=0.05)
+    missing_eos_penalty: float = option(-1.0, "score of a response with no EOS (normalised RM units)")
+    eval_every: int = option(16, "held-out evaluation every N updates (0: only at the start and the end)", min=0)
+    sample_every: int = option(10, "print samples every N updates", min=1)
+    save_every: int = option(20, "write the checkpoint every N updates (and at the end)", min=1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ ranked best first. `encode_ranked` renders each response as the policy produced 
 
     [USER] prompt [ASSISTANT] response [EOS]        ([EOS] left off a response that never stopped)
 
-and `comparison_loss` scores a batch of comparisons and applies one of two objectives:
+`score_comparisons` scores a batch of comparisons into a best-first grid, and `comparison_loss`
+applies one of two objectives:
 
     ranking     InstructGPT's K-wise loss (eq. 1): all C(K, 2) pairs of a prompt are one batch
                 element, loss = mean over pairs of -log sigmoid(r_better - r_worse)
@@ -99,29 +100,18 @@ def score_rows(model: RewardModel, rows: list[list[int]], pad_id: int, rows_per_
     return torch.cat(rewards)[order]
 
 
-def comparison_loss(model: RewardModel, batch: list[list[list[int]]], objective: str,
-                    pad_id: int, tiers: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss of a batch of B comparisons, and their rewards.
+def score_comparisons(model: RewardModel, batch: list[list[list[int]]], pad_id: int,
+                      tiers: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score every response of a batch of B comparisons: (rewards, valid, tier_grid), each (B, K_max).
 
     batch[b] is comparison b's responses as token lists, best first (`encode_ranked`); prompts may
     have different numbers of responses K_b >= 2. tiers[b] (`RankedComparison.tiers`, best first;
     None: strict rankings) marks ties: equal tiers are responses the labeler preferred neither of.
-    Every response is scored, and the rewards are placed in a (B, K_max) best-first grid with a
-    valid mask; then
-
-        ranking:     ranking_reward_loss(grid, valid, tiers): the mean over each prompt's C(K, 2)
-                     pairs less its ties, then over prompts;
-        classifier:  classifier_reward_loss on the best response of each prompt (label 1) and the
-                     worst (label 0); the middle ones get no label (they are scored all the same,
-                     so that both objectives report accuracy on the same pairs). The best and the
-                     worst are in different tiers, because a comparison whose responses are all
-                     tied is an error here (`labeling.drop_all_tied` leaves those out first).
-
-    Returns (loss, rewards): a 0-d loss to minimise and the detached grid, NaN where a prompt has
-    fewer than K_max responses. `model` may be DDP-wrapped (`Runtime.wrap`) for training.
+    The rewards are placed in a best-first grid; `valid` is False where a prompt has fewer than
+    K_max responses (its reward there is 0, ignored by the losses), and `tier_grid` repeats a
+    row's last tier there. A comparison whose responses are all tied prefers nothing and is an
+    error (`labeling.drop_all_tied` leaves those out first). `model` may be DDP-wrapped.
     """
-    if objective not in RM_OBJECTIVES:
-        raise ValueError(f"objective must be one of {RM_OBJECTIVES}, got {objective!r}")
     B, k_max = len(batch), max(len(responses) for responses in batch)
     device = next(model.parameters()).device
     tiers = tiers or [list(range(len(responses))) for responses in batch]
@@ -135,13 +125,39 @@ def comparison_loss(model: RewardModel, batch: list[list[list[int]]], objective:
     scores = score_rows(model, rows, pad_id)                                                # (N,)
     rewards = torch.zeros(B * k_max, device=device).index_put((slots,), scores).view(B, k_max)
     valid = torch.zeros(B * k_max, dtype=torch.bool, device=device).index_fill(0, slots, True).view(B, k_max)
+    return rewards, valid, tier_grid
+
+
+def classifier_objective(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The good/bad classifier's loss on a best-first (B, K_max) grid: the best response of each
+    prompt is labelled 1, the worst (its last valid one) 0; the middle ones get no label. The best
+    and the worst are in different tiers, since an all-tied comparison is refused when scoring."""
+    B = rewards.shape[0]
+    worst = rewards.gather(1, (valid.sum(dim=1) - 1)[:, None]).squeeze(1)   # (B,) last valid = worst
+    margins = torch.cat([rewards[:, 0], worst])                             # (2B,) logit margins
+    labels = torch.cat([torch.ones(B), torch.zeros(B)]).to(rewards.device)   # good 1, bad 0
+    return classifier_reward_loss(margins, labels)
+
+
+def comparison_loss(model: RewardModel, batch: list[list[list[int]]], objective: str,
+                    pad_id: int, tiers: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a batch of B comparisons (`score_comparisons`), and their rewards:
+
+        ranking:     ranking_reward_loss(rewards, valid, tier_grid): the mean over each prompt's
+                     C(K, 2) pairs less its ties, then over prompts;
+        classifier:  `classifier_objective` (all responses are scored all the same, so that both
+                     objectives report accuracy on the same pairs).
+
+    Returns (loss, rewards): a 0-d loss to minimise and the detached grid, NaN where a prompt has
+    fewer than K_max responses. train_rm.py writes these steps out in its training loop.
+    """
+    if objective not in RM_OBJECTIVES:
+        raise ValueError(f"objective must be one of {RM_OBJECTIVES}, got {objective!r}")
+    rewards, valid, tier_grid = score_comparisons(model, batch, pad_id, tiers)
     if objective == "ranking":
         loss = ranking_reward_loss(rewards, valid, tier_grid)
     else:
-        worst = rewards.gather(1, (valid.sum(dim=1) - 1)[:, None]).squeeze(1)   # (B,) last valid = worst
-        margins = torch.cat([rewards[:, 0], worst])                             # (2B,) logit margins
-        labels = torch.cat([torch.ones(B), torch.zeros(B)]).to(device)           # good 1, bad 0
-        loss = classifier_reward_loss(margins, labels)
+        loss = classifier_objective(rewards, valid)
     return loss, rewards.detach().masked_fill(~valid, math.nan)
 
 

@@ -35,7 +35,7 @@ from minirlhf.model import GPT, MODEL_PRESETS, GPTConfig
 from minirlhf.plots import plot_curves
 from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
+from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses, set_lr
 
 
 @dataclass
@@ -151,9 +151,7 @@ def main() -> None:
     val_loss = float("nan")
     with MetricsLogger(metrics_path, resume_step=start_step if cfg.resume else None, enabled=runtime.is_main) as log:
         for step in range(start_step, cfg.max_steps):
-            lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr(optimizer, cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr))
             # the global batch (the same on every rank), then this rank's slice of it
             inputs, targets = random_windows(train_tokens, cfg.batch_size, cfg.seq_len, generator)
             inputs, targets = runtime.shard(inputs).to(runtime.device), runtime.shard(targets).to(runtime.device)

@@ -55,7 +55,7 @@ from minirlhf.plots import plot_curves
 from minirlhf.reward import batch_share
 from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
-from minirlhf.training import check_finite, cosine_lr, response_logprobs
+from minirlhf.training import check_finite, cosine_lr, response_logprobs, set_lr
 
 EVAL_TEMPERATURE = 1.0   # held-out samples are drawn as PPO draws them (its default --temperature)
 EVAL_BATCH_SIZE = 64     # PPO's tiny --batch-size: same prompts, seed and batches, so step 0 is PPO's step 0
@@ -266,9 +266,7 @@ def main() -> None:
                 if step < start_step:   # a batch the interrupted run trained on before its last save
                     step += 1
                     continue
-                lr = cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                lr = set_lr(optimizer, cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr))
                 share, weight = batch_share(runtime, order[first:first + cfg.batch_size])   # this rank's pairs
                 chosen, rejected = [pairs[k][0] for k in share], [pairs[k][1] for k in share]
                 # chosen and rejected in ONE forward (DDP expects one forward per backward)
@@ -314,10 +312,7 @@ def main() -> None:
         {"keys": ["grad_norm"], "title": "gradient norm (before clipping)", "ylabel": "L2 norm"},
     ], curves, title=f"DPO (beta {cfg.beta}, {cfg.loss_type} loss)")
     if last_eval:
-        for prompt, text, gold in evaluate.samples[:3]:   # the last evaluation's
-            print(f"  [sample] {prompt!r} -> {text!r} | gold {gold:.2f}")
-        print(f"held-out gold: SFT {baseline['sft/gold']:.3f} -> DPO {summary['eval/gold']:.3f} "
-              f"({summary['eval/gold_gain_sd']:+.2f} SFT standard deviations), KL {summary['eval/kl']:.2f} nats")
+        evaluate.print_result("DPO", summary, samples=3)
     print(f"done in {minutes:.1f} min, no samples drawn while training (DPO is offline)")
     print(f"wrote {out_path}, {metrics_path}, {curves}")
 

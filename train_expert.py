@@ -48,14 +48,14 @@ import torch
 from minirlhf import labeling
 from minirlhf.checkpoint import load_policy, load_resume_checkpoint, save_checkpoint
 from minirlhf.cli import UserError, make_out_dir, option, parse_config, print_config, run_main
-from minirlhf.data import evenly_spaced, read_prompts, sft_batch
+from minirlhf.data import read_sampling_prompts
 from minirlhf.evaluation import HeldOutEvaluation, PolicyConfig
 from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.plots import plot_curves
 from minirlhf.reward import load_reward_model
 from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
-from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
+from minirlhf.training import check_finite, cosine_lr, demonstration_loss, sample_responses, set_lr
 
 EVAL_TEMPERATURE = 1.0   # held-out samples are drawn as PPO draws them (its default --temperature)
 EVAL_BATCH_SIZE = 64     # PPO's tiny --batch-size: the same prompts, seed and batches as its evaluation
@@ -133,13 +133,8 @@ def main() -> None:
     ref_policy, _ = load_policy(init_path, tokenizer.identity, runtime)
     ref_policy.requires_grad_(False)
     scorer = load_reward_model(cfg.reward_model or os.path.join(cfg.out_dir, "rm.pt"), tokenizer, runtime)
-    prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "ppo_prompts.jsonl"))
-    eval_prompts = evenly_spaced(read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl")), cfg.eval_prompts)
     block_size = policy.config.block_size
-    longest = max(len(render_chat(tokenizer, p)) for p in prompts + eval_prompts)
-    if longest + cfg.max_new_tokens > block_size:
-        raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
-                        f"the model's block_size {block_size}")
+    prompts, eval_prompts = read_sampling_prompts(cfg, tokenizer, block_size)
     if runtime.is_main:
         make_out_dir(cfg.out_dir)   # the inputs are read: a bad --out-dir fails now, not at the first save
     rng = random.Random(cfg.seed)   # the same seed on every rank: the ranks agree on prompts and batches
@@ -207,17 +202,9 @@ def main() -> None:
                 if round_step % math.ceil(len(examples) / cfg.batch_size) == 0:
                     rng.shuffle(examples)
                 first = (round_step % math.ceil(len(examples) / cfg.batch_size)) * cfg.batch_size
-                lr = cosine_lr(round_step, round_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                global_batch = examples[first:first + cfg.batch_size]
-                mine = runtime.shard(global_batch)
-                batch = sft_batch(mine or global_batch[:1], tokenizer.pad_id, block_size).to(runtime.device)
-                if not mine:   # a short last batch left this rank nothing: one row that counts no token
-                    batch.loss_mask.zero_()
-                (global_tokens,) = runtime.sum_over_ranks(batch.loss_mask.sum().item())
-                loss = lm_loss(train_policy, batch.inputs, batch.targets, batch.loss_mask, batch.attention_mask,
-                               token_count=max(global_tokens, 1.0) / runtime.world_size)
+                lr = set_lr(optimizer, cosine_lr(round_step, round_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr))
+                global_batch = examples[first:first + cfg.batch_size]   # SFT's loss on the chosen responses
+                loss = demonstration_loss(train_policy, global_batch, tokenizer.pad_id, block_size, runtime)
                 check_finite(loss, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -257,10 +244,7 @@ def main() -> None:
         {"keys": ["eval/kl"], "title": "KL(policy || SFT) per held-out response", "ylabel": "nats", "smooth": False},
     ], curves, title=f"Expert iteration ({cfg.rounds} rounds of best-of-{cfg.n})")
     if last_eval:
-        for prompt, text, gold in evaluate.samples[:3]:   # the last evaluation's
-            print(f"  [sample] {prompt!r} -> {text!r} | gold {gold:.2f}")
-        print(f"held-out gold: SFT {baseline['sft/gold']:.3f} -> expert iteration {summary['eval/gold']:.3f} "
-              f"({summary['eval/gold_gain_sd']:+.2f} SFT standard deviations), KL {summary['eval/kl']:.2f} nats")
+        evaluate.print_result("expert iteration", summary, samples=3)
     print(f"done in {minutes:.1f} min, {summary['samples_drawn']} samples drawn")
     print(f"wrote {out_path}, {metrics_path}, {curves}")
 

@@ -95,7 +95,7 @@ import torch
 
 from minirlhf.checkpoint import load_policy
 from minirlhf.cli import UserError, make_out_dir, option, parse_config, print_config, run_main
-from minirlhf.data import evenly_spaced, read_prompts
+from minirlhf.data import read_sampling_prompts
 from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.losses import (FixedKLController, grpo_advantages, kl_penalty, masked_mean, ppo_policy_loss,
                              rloo_advantages)
@@ -106,8 +106,8 @@ from minirlhf.ppo import (RLConfig, Rollout, draw_prompts, fit_gold_normaliser, 
                           rollout_logprobs, save_run, score_rollout, token_share)
 from minirlhf.reward import load_reward_model
 from minirlhf.runtime import Runtime, setup_runtime
-from minirlhf.tokenizer import Tokenizer, render_chat
-from minirlhf.training import cosine_lr, sample_responses, unwrap
+from minirlhf.tokenizer import Tokenizer
+from minirlhf.training import cosine_lr, sample_responses, set_lr, unwrap
 
 ADVANTAGES = ("grpo", "drgrpo", "rloo")
 
@@ -255,12 +255,7 @@ def main() -> None:
     kl_controller = FixedKLController(cfg.kl_coef)   # beta is fixed here; saved and resumed as PPO's
 
     # ---- prompts
-    prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "ppo_prompts.jsonl"))
-    eval_prompts = evenly_spaced(read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl")), cfg.eval_prompts)
-    longest = max(len(render_chat(tokenizer, p)) for p in prompts + eval_prompts)
-    if longest + cfg.max_new_tokens > policy.config.block_size:
-        raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
-                        f"the model's block_size {policy.config.block_size}")
+    prompts, eval_prompts = read_sampling_prompts(cfg, tokenizer, policy.config.block_size)
     if runtime.is_main:
         make_out_dir(cfg.out_dir)   # a file, or read-only: one line now, not at the first save
     rng = runtime.cpu_generator(cfg.seed)            # prompt order, minibatches: the same on every rank
@@ -302,8 +297,7 @@ def main() -> None:
         for update in range(start_update, cfg.total_updates):
             t0 = time.time()
             lr_scale = cosine_lr(update, cfg.total_updates, 1.0, cfg.warmup_updates, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_scale
+            set_lr(optimizer, cfg.lr * lr_scale)
 
             # 1. rollout: every rank draws the same B prompts and takes its share; each of its
             #    prompts is sampled k times, in consecutive rows: row i belongs to group i // k
@@ -400,8 +394,7 @@ def main() -> None:
         {"keys": ["eos_rate", "eval/eos_rate"], "title": "share of responses that end (EOS)", "ylabel": "fraction"},
     ], curves, title=f"{cfg.advantage.upper()} (reward = {cfg.reward}, KL in the {cfg.kl_mode})", xlabel="update")
     if "eval/gold" in summary:
-        print(f"held-out gold: SFT {baseline['sft/gold']:.3f} -> {cfg.advantage.upper()} {summary['eval/gold']:.3f} "
-              f"({summary['eval/gold_gain_sd']:+.2f} SFT standard deviations), KL {summary['eval/kl']:.2f} nats")
+        evaluate.print_result(cfg.advantage.upper(), summary)
     print(f"done in {minutes:.1f} min, {summary['samples_drawn']} samples")
     print(f"wrote {out_path}, {metrics_path}, {curves}")
 

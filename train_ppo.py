@@ -45,7 +45,7 @@ import torch
 
 from minirlhf.checkpoint import load_policy
 from minirlhf.cli import UserError, make_out_dir, option, parse_config, print_config, run_main
-from minirlhf.data import evenly_spaced, random_windows, read_prompts, read_text
+from minirlhf.data import random_windows, read_sampling_prompts, read_text
 from minirlhf.evaluation import HeldOutEvaluation
 from minirlhf.kernels import gae
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, kl_shaped_rewards, masked_whiten,
@@ -58,8 +58,8 @@ from minirlhf.ppo import (RLConfig, Rollout, critic_from_policy, critic_from_rew
                           rollout_values, save_run, score_rollout, token_share)
 from minirlhf.reward import load_reward_model
 from minirlhf.runtime import setup_runtime
-from minirlhf.tokenizer import Tokenizer, render_chat
-from minirlhf.training import cosine_lr, lm_loss, sample_responses
+from minirlhf.tokenizer import Tokenizer
+from minirlhf.training import cosine_lr, lm_loss, sample_responses, set_lr
 
 
 @dataclass
@@ -116,12 +116,7 @@ def main() -> None:
                      else FixedKLController(cfg.kl_coef))
 
     # ---- prompts
-    prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "ppo_prompts.jsonl"))
-    eval_prompts = evenly_spaced(read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl")), cfg.eval_prompts)
-    longest = max(len(render_chat(tokenizer, p)) for p in prompts + eval_prompts)
-    if longest + cfg.max_new_tokens > policy.config.block_size:
-        raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
-                        f"the model's block_size {policy.config.block_size}")
+    prompts, eval_prompts = read_sampling_prompts(cfg, tokenizer, policy.config.block_size)
     if runtime.is_main:
         make_out_dir(cfg.out_dir)   # a file, or read-only: one line now, not at the first save
     rng = runtime.cpu_generator(cfg.seed)            # prompt order, minibatches, ptx: the same on every rank
@@ -165,9 +160,8 @@ def main() -> None:
             step = update + 1
             t0 = time.time()
             lr_scale = cosine_lr(update, cfg.total_updates, 1.0, cfg.warmup_updates, cfg.min_lr_ratio)
-            for optimizer, lr in ((policy_optimizer, cfg.lr), (value_optimizer, cfg.value_lr)):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * lr_scale
+            set_lr(policy_optimizer, cfg.lr * lr_scale)
+            set_lr(value_optimizer, cfg.value_lr * lr_scale)
 
             # 1. sample y ~ pi(. | x): one response per prompt. Every rank draws the same B prompts
             #    and samples its share, B / W of them (all B in one process), with its own dice
@@ -288,8 +282,7 @@ def main() -> None:
         return   # rank 0 alone plots and reports
     curves, overopt = plot_run(cfg, metrics_path)
     if "eval/gold" in summary:
-        print(f"held-out gold: SFT {baseline['sft/gold']:.3f} -> PPO {summary['eval/gold']:.3f} "
-              f"({summary['eval/gold_gain_sd']:+.2f} SFT standard deviations), KL {summary['eval/kl']:.2f} nats")
+        evaluate.print_result("PPO", summary)
     print(f"done in {minutes:.1f} min")
     print(f"wrote {out_path}, {metrics_path}, {curves}, {overopt}")
 

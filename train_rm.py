@@ -62,7 +62,7 @@ from minirlhf.plots import plot_curves, plot_scatter
 from minirlhf.reward import (RewardScorer, batch_share, classifier_objective, comparison_loss, encode_ranked,
                              fit_normalisation, gold_agreement, pairwise_counts, score_comparisons)
 from minirlhf.tokenizer import Tokenizer, render_chat
-from minirlhf.training import check_finite, cosine_lr, sample_responses
+from minirlhf.training import check_finite, cosine_lr, sample_responses, set_lr
 from minirlhf.runtime import setup_runtime
 
 
@@ -359,9 +359,7 @@ def main() -> None:
                 if step < start_step:   # a batch the interrupted run trained on before its last save
                     step += 1
                     continue
-                lr = cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                lr = set_lr(optimizer, cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr))
                 share, weight = batch_share(runtime, order[first:first + cfg.batch_size])   # this rank's part
                 tiers = [train_tiers[i] for i in share]                                     # of the global batch
                 # every response of each comparison scored: rewards (B_r, K) best first, r = RM(prompt, response)

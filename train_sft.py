@@ -37,7 +37,7 @@ from minirlhf.metrics import MetricsLogger, Progress, read_metrics
 from minirlhf.plots import plot_curves
 from minirlhf.runtime import setup_runtime
 from minirlhf.tokenizer import Tokenizer, render_chat
-from minirlhf.training import check_finite, cosine_lr, lm_loss, sample_responses
+from minirlhf.training import check_finite, cosine_lr, demonstration_loss, lm_loss, sample_responses, set_lr
 
 
 @dataclass
@@ -158,19 +158,11 @@ def main() -> None:
                 if step < start_step:   # a batch the interrupted run trained on before its last save
                     step += 1
                     continue
-                lr = cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # this rank's share of the step's demonstrations; the loss is divided by the tokens
-                # of ALL ranks (/ world size, since DDP averages), so the update is the whole batch's
+                lr = set_lr(optimizer, cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr))
+                # mean NLL of the response tokens (EOS included, never the prompt or PAD) over the
+                # step's demonstrations; under torchrun each rank takes its share of them
                 global_batch = train_examples[start_index:start_index + cfg.batch_size]
-                mine = runtime.shard(global_batch)
-                batch = sft_batch(mine or global_batch[:1], tokenizer.pad_id, config.block_size).to(runtime.device)
-                if not mine:   # a short last batch left this rank nothing: one row that counts no
-                    batch.loss_mask.zero_()   # token, so that it still joins DDP's gradient all-reduce
-                (global_tokens,) = runtime.sum_over_ranks(batch.loss_mask.sum().item())
-                loss = lm_loss(train_model, batch.inputs, batch.targets, batch.loss_mask, batch.attention_mask,
-                               token_count=max(global_tokens, 1.0) / runtime.world_size)
+                loss = demonstration_loss(train_model, global_batch, tokenizer.pad_id, config.block_size, runtime)
                 check_finite(loss, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -23,7 +23,7 @@ import torch
 
 from minirlhf.checkpoint import atomic_write
 from minirlhf.cli import UserError
-from minirlhf.tokenizer import SPECIAL_TOKENS
+from minirlhf.tokenizer import SPECIAL_TOKENS, render_chat
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +186,19 @@ def evenly_spaced(items: list, n: int) -> list:
     if n >= len(items):
         return list(items)
     return [items[i * len(items) // n] for i in range(n)]
+
+
+def read_sampling_prompts(cfg, tokenizer, block_size: int) -> tuple[list[str], list[str]]:
+    """The prompts an online method samples (`--prompts`, default DATA_DIR/ppo_prompts.jsonl) and its
+    held-out ones (`--eval-prompts` of DATA_DIR/eval_prompts.jsonl, evenly spaced). Each, rendered,
+    plus `--max-new-tokens` must fit the model's `block_size`: a `UserError` now, not mid-run."""
+    prompts = read_prompts(cfg.prompts or os.path.join(cfg.data_dir, "ppo_prompts.jsonl"))
+    eval_prompts = evenly_spaced(read_prompts(os.path.join(cfg.data_dir, "eval_prompts.jsonl")), cfg.eval_prompts)
+    longest = max(len(render_chat(tokenizer, p)) for p in prompts + eval_prompts)
+    if longest + cfg.max_new_tokens > block_size:
+        raise UserError(f"the longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
+                        f"the model's block_size {block_size}")
+    return prompts, eval_prompts
 
 
 # ----------------------------------------------------------------------------------------------

@@ -259,6 +259,15 @@ class HeldOutEvaluation:
               f"len {result['eval/response_length']:.1f}")
         return result
 
+    def print_result(self, method: str, summary: dict, samples: int = 0) -> None:
+        """The lines a method's run ends with: `samples` of the last evaluation's (prompt, response,
+        gold), then held-out gold of SFT -> `method`, the gain in SFT sd and the KL (from `summary`,
+        the last evaluation's metrics)."""
+        for prompt, text, gold in self.samples[:samples]:
+            print(f"  [sample] {prompt!r} -> {text!r} | gold {gold:.2f}")
+        print(f"held-out gold: SFT {self.baseline['sft/gold']:.3f} -> {method} {summary['eval/gold']:.3f} "
+              f"({summary['eval/gold_gain_sd']:+.2f} SFT standard deviations), KL {summary['eval/kl']:.2f} nats")
+
 
 # --------------------------------------------------------------------------------------------------
 # evaluate.py: every model's answers, their summary, best-of-n, PPO's trajectory

@@ -8,6 +8,7 @@ import math
 import torch
 
 from minirlhf.cli import UserError
+from minirlhf.data import sft_batch
 from minirlhf.generate import generate
 from minirlhf.kernels import token_logprobs
 from minirlhf.tokenizer import Tokenizer, render_chat
@@ -19,6 +20,14 @@ def cosine_lr(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr:
         return lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Give every parameter group of `optimizer` the learning rate `lr` (this step's, from
+    `cosine_lr`); returns it, for the metrics."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def unwrap(model):
@@ -46,6 +55,24 @@ def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor, loss_mask: torch
     if token_count is None:
         token_count = loss_mask.sum().clamp(min=1)
     return -logprobs.sum() / token_count
+
+
+def demonstration_loss(model, global_batch: list, pad_id: int, block_size: int, runtime) -> torch.Tensor:
+    """SFT's loss on this rank's share of a global batch of (prompt ids, response ids) examples: the
+    NLL of the response tokens (the EOS included; never the prompt or PAD, `data.sft_batch`),
+    summed and divided by the tokens of ALL ranks / world size. DDP averages the ranks' gradients,
+    so the step is the whole batch's mean, exactly what one process computes.
+
+    A rank that a short last batch left with nothing gets one row that counts no token: it still
+    runs the forward and backward pass that DDP's gradient all-reduce waits for.
+    """
+    mine = runtime.shard(global_batch)
+    batch = sft_batch(mine or global_batch[:1], pad_id, block_size).to(runtime.device)
+    if not mine:
+        batch.loss_mask.zero_()
+    (global_tokens,) = runtime.sum_over_ranks(batch.loss_mask.sum().item())
+    return lm_loss(model, batch.inputs, batch.targets, batch.loss_mask, batch.attention_mask,
+                   token_count=max(global_tokens, 1.0) / runtime.world_size)
 
 
 def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:

@@ -611,12 +611,12 @@ def test_the_scripts_own_loop_ratio_one_and_advantages(tiny_world, tmp_path, mon
 
 
 def test_held_out_subset_is_evenly_spaced_over_the_file():
-    import train_ppo
+    from minirlhf.data import evenly_spaced   # what read_sampling_prompts picks PPO's held-out prompts with
     # the prompt files list one family after another: the first n would cover one or two families
     families = ["facts"] * 6 + ["arithmetic"] * 3 + ["explain"] * 3
-    assert train_ppo.evenly_spaced(families, 4) == ["facts", "facts", "arithmetic", "explain"]
-    assert train_ppo.evenly_spaced(families, 50) == families, "n >= len: every item"
-    assert train_ppo.evenly_spaced(families, 0) == []
+    assert evenly_spaced(families, 4) == ["facts", "facts", "arithmetic", "explain"]
+    assert evenly_spaced(families, 50) == families, "n >= len: every item"
+    assert evenly_spaced(families, 0) == []
 
 
 @pytest.mark.parametrize("case", ["missing_rm", "wrong_kind", "bad_prompts", "out_of_range", "critic_too_frozen"])
